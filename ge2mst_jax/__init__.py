@@ -1,0 +1,5 @@
+"""ge2mst_jax: the Ge2mS-T spiking vision transformer in JAX / Flax NNX."""
+from ge2mst_jax.neurons import (ExpGIF, SpikeTrain, alpha_schedule, expg_levels, expg_quantize,
+                                expg_spikes, progressive_activation)
+
+__version__ = "0.1.0"

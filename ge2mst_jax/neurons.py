@@ -1,0 +1,297 @@
+"""ExpG-IF: the grouped-exponential-coding integrate-and-fire neuron (SPEC §1).
+
+Training sees the neuron as a non-uniform quantizer `Q`; inference runs it as a
+spike emitter over `T` steps whose spikes decode to `Q` bit for bit. Both are
+built on one integer function, `expg_code`, so the two can never disagree: the
+quantizer's output is *defined* as `code * (lam / Z)`, and the spike train of a
+neuron is the binary expansion of that same code.
+
+The math lives here as pure functions (jit/vmap/grad-able); `ExpGIF` is the thin
+Flax NNX module that the network uses wherever a neuron stands.
+"""
+from __future__ import annotations
+
+import functools
+import itertools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+MAX_T = 16  # level tables grow as 2^T; 16 steps is far beyond any published SNN setting.
+
+
+# ----------------------------------------------------------------------------
+# Level sets
+# ----------------------------------------------------------------------------
+def check_tk(T: int, K: int) -> None:
+  """Raises a one-line ValueError unless 1 <= K <= T <= MAX_T."""
+  if not isinstance(T, (int, np.integer)) or not 1 <= T <= MAX_T:
+    raise ValueError(f"ExpG-IF time steps T={T!r} is out of range: use an integer 1 <= T <= {MAX_T}.")
+  if not isinstance(K, (int, np.integer)) or not 1 <= K <= T:
+    raise ValueError(f"ExpG-IF groups K={K!r} is out of range for T={T}: use an integer 1 <= K <= T.")
+
+
+def step_bases(T: int) -> np.ndarray:
+  """`b_t = 2^(T-t)` for t = 1..T: the first step is the most significant."""
+  return 2 ** np.arange(T - 1, -1, -1, dtype=np.int64)
+
+
+def groups(T: int, K: int) -> list[list[int]]:
+  """The K interleaved base groups `G_k = {2^(T-k), 2^(T-k-K), ...}` (APoT style)."""
+  check_tk(T, K)
+  bases = step_bases(T)
+  return [[int(b) for b in bases[k::K]] for k in range(K)]
+
+
+class LevelSet(NamedTuple):
+  """The ExpG level set of (T, K), all as exact integers.
+
+  codes: sorted integer codes `c` (a level is `c / Z`).
+  patterns: `(|L|, T)` 0/1 spike pattern of each code (binary expansion over steps).
+  Z: the normaliser, the largest code.
+  """
+  codes: np.ndarray
+  patterns: np.ndarray
+  Z: int
+
+  @property
+  def levels(self) -> np.ndarray:
+    """Levels as fractions of lambda, in [0, 1]."""
+    return self.codes / self.Z
+
+  @property
+  def thresholds(self) -> np.ndarray:
+    """The |L|-1 pre-firing thresholds (fractions of lambda): midpoints of adjacent levels."""
+    return (self.codes[:-1] + self.codes[1:]) / (2.0 * self.Z)
+
+
+@functools.lru_cache(maxsize=None)
+def expg_levels(T: int, K: int) -> LevelSet:
+  """The sorted level set L of ExpG-IF(T, K) with each level's spike pattern.
+
+  `K = 1` is Exp-IF (levels 0 and the powers of two); `K = T` the uniform binary code.
+  """
+  gs = groups(T, K)
+  sums = {sum(choice) for choice in itertools.product(*[[0] + g for g in gs])}
+  codes = np.array(sorted(sums), dtype=np.int64)
+  bases = step_bases(T)
+  patterns = ((codes[:, None] & bases[None, :]) > 0).astype(np.int8)
+  return LevelSet(codes=codes, patterns=patterns, Z=int(codes[-1]))
+
+
+# ----------------------------------------------------------------------------
+# The integer code and the quantizer
+# ----------------------------------------------------------------------------
+def expg_code(x: jax.Array, lam: jax.Array, T: int, K: int, method: str = "search") -> jax.Array:
+  """Integer code (int32) of the level nearest to `clip(x / lam, 0, 1)`.
+
+  The level index is the number of pre-firing thresholds `lam * m_j` that `x` has
+  reached (ties round up), which clips implicitly. `method='search'` finds it by
+  binary search (`jnp.searchsorted`, the paper's inference rule, `lam` scalar);
+  `method='compare'` counts comparisons, which vectorises better on accelerators
+  and accepts a `lam` broadcastable to `x`. Both give the same integers.
+  """
+  ls = expg_levels(T, K)
+  lam = jnp.asarray(lam, x.dtype)
+  thr = lam[..., None] * jnp.asarray(ls.thresholds, x.dtype)
+  codes = jnp.asarray(ls.codes, jnp.int32)
+  if method == "search":
+    if thr.ndim != 1:
+      raise ValueError(f"expg_code(method='search') needs a scalar lam, got shape {lam.shape}: use method='compare'.")
+    idx = jnp.searchsorted(thr, x, side="right")
+  elif method == "compare":
+    idx = jnp.sum(x[..., None] >= thr, axis=-1, dtype=jnp.int32)
+  else:
+    raise ValueError(f"Unknown expg_code method {method!r}: use 'search' or 'compare'.")
+  return codes[idx]
+
+
+def code_scale(lam: jax.Array, T: int, K: int, dtype=jnp.float32) -> jax.Array:
+  """`lam / Z`, the value of one unit of integer code (the least post-firing threshold).
+
+  Computed as `lam * (1/Z)` with the reciprocal rounded once to `dtype`: XLA
+  rewrites a division by a constant into that multiplication under jit, so only
+  this form gives the same bits eagerly, under jit, on every backend.
+  """
+  return jnp.asarray(lam, dtype) * jnp.asarray(1.0 / expg_levels(T, K).Z, dtype)
+
+
+def _signed_code(x, lam, T, K, symmetric, method):
+  if symmetric:
+    return jnp.sign(x).astype(jnp.int32) * expg_code(jnp.abs(x), lam, T, K, method)
+  return expg_code(x, lam, T, K, method)
+
+
+def _sum_to_shape(g: jax.Array, shape) -> jax.Array:
+  """Reduces a broadcast gradient back to the shape of the operand it came from."""
+  extra = g.ndim - len(shape)
+  g = jnp.sum(g, axis=tuple(range(extra))) if extra else g
+  axes = tuple(i for i, n in enumerate(shape) if n == 1 and g.shape[i] != 1)
+  return jnp.sum(g, axis=axes, keepdims=True) if axes else g
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def expg_quantize(x, lam, T: int, K: int, symmetric: bool = False, method: str = "search"):
+  """`Q(x) = lam * nearest_L(clip(x / lam, 0, 1))` (symmetric: `sign(x) Q(|x|)`).
+
+  Defined as `code * (lam / Z)` so that decoding the spikes reproduces it bitwise.
+  Gradient: straight-through for `x` inside the clip range, zero outside; for
+  `lam` the LSQ/QCFS form `q - x/lam` inside and `1` (times sign) above it.
+  """
+  return (_signed_code(x, lam, T, K, symmetric, method).astype(x.dtype)
+          * code_scale(lam, T, K, x.dtype))
+
+
+def _quantize_fwd(x, lam, T, K, symmetric, method):
+  return expg_quantize(x, lam, T, K, symmetric, method), (x, lam)
+
+
+def _quantize_bwd(T, K, symmetric, method, res, g):
+  x, lam = res
+  lam_b = jnp.asarray(lam, x.dtype)
+  a = jnp.abs(x) if symmetric else x
+  sign = jnp.sign(x) if symmetric else jnp.ones_like(x)
+  inside = (a >= 0) & (a <= lam_b)
+  q = expg_code(a, lam, T, K, method).astype(x.dtype) * jnp.asarray(1.0 / expg_levels(T, K).Z, x.dtype)
+  dlam = jnp.where(inside, q - a / lam_b, jnp.where(a > lam_b, 1.0, 0.0)) * sign
+  gx = jnp.where(inside, g, jnp.zeros_like(g))
+  glam = _sum_to_shape((g * dlam).astype(jnp.result_type(lam)), jnp.shape(lam))
+  return gx, glam.reshape(jnp.shape(lam))
+
+
+expg_quantize.defvjp(_quantize_fwd, _quantize_bwd)
+
+
+# ----------------------------------------------------------------------------
+# Inference: the spike emitter
+# ----------------------------------------------------------------------------
+class SpikeTrain(NamedTuple):
+  """What a spiking neuron layer hands to the next synaptic layer.
+
+  spikes: `(T, *shape)`, values in {0, 1} ({-1, 0, 1} when symmetric), dtype of the input.
+  scale: `lam / Z`; step t's post-firing threshold is `theta_t = scale * 2^(T-t)`.
+  """
+  spikes: jax.Array
+  scale: jax.Array
+
+  @property
+  def T(self) -> int:
+    return self.spikes.shape[0]
+
+  def code(self) -> jax.Array:
+    """Integer code `sum_t 2^(T-t) s_t`, exact (shifts and adds)."""
+    bases = jnp.asarray(step_bases(self.T), self.spikes.dtype)
+    return jnp.tensordot(bases, self.spikes, axes=1)
+
+  def decode(self) -> jax.Array:
+    """`code * scale`: bitwise the quantizer's output for the emitting neuron's input."""
+    return self.code() * self.scale.astype(self.spikes.dtype)
+
+
+def expg_spikes(x, lam, T: int, K: int, symmetric: bool = False, method: str = "search"):
+  """Emits ExpG-IF spikes for the integrated input `x`.
+
+  The neuron finds its level with one binary search over the pre-firing
+  thresholds, then a `lax.scan` over the T steps fires whenever the remaining
+  membrane (in code units) reaches the step's post-firing threshold, with soft
+  reset. Returns `(spikes, thetas)`; `spikes` has shape `(T, *x.shape)` and
+  `thetas[t] = lam * 2^(T-t) / Z`.
+  """
+  code = _signed_code(x, lam, T, K, symmetric, method)
+  sign, membrane = jnp.sign(code), jnp.abs(code)
+
+  def step(v, base):
+    fire = v >= base
+    return v - jnp.where(fire, base, 0), (fire * sign).astype(x.dtype)
+
+  _, spikes = jax.lax.scan(step, membrane, jnp.asarray(step_bases(T), jnp.int32))
+  thetas = code_scale(lam, T, K, x.dtype) * jnp.asarray(step_bases(T), x.dtype)
+  return spikes, thetas
+
+
+# ----------------------------------------------------------------------------
+# Progressive activation (ClipReLU -> quantizer)
+# ----------------------------------------------------------------------------
+def progressive_activation(x, lam, alpha, T: int, K: int, symmetric: bool = False, method: str = "search"):
+  """`(1 - alpha) * clip(x, 0, lam) + alpha * Q(x)`; symmetric clips to [-lam, lam].
+
+  The end points are exact: alpha = 0 is ClipReLU and alpha = 1 the quantizer,
+  bit for bit (a plain blend would turn -0.0 into 0.0 and round).
+  """
+  lam_x = jnp.asarray(lam, x.dtype)
+  clipped = jnp.clip(x, -lam_x if symmetric else 0, lam_x)
+  q = expg_quantize(x, lam, T, K, symmetric, method)
+  if isinstance(alpha, (int, float)):
+    if alpha >= 1:
+      return q
+    if alpha <= 0:
+      return clipped
+  alpha = jnp.asarray(alpha, x.dtype)
+  blend = (1 - alpha) * clipped + alpha * q
+  return jnp.where(alpha >= 1, q, jnp.where(alpha <= 0, clipped, blend))
+
+
+def alpha_schedule(progress, kind: str = "linear", ramp_end: float = 0.8, power: float = 1.0):
+  """alpha for the training fraction `progress` in [0, 1] (step/steps or epoch/epochs).
+
+  kind: 'linear' (alpha = progress / ramp_end, i.e. e/E when ramp_end = 1),
+  'cosine' (half-cosine ramp), 'poly' (linear ** power), 'constant' (always 1,
+  pure quantizer training). alpha reaches 1 at `ramp_end` and stays there, so
+  the last stretch of training already sees the exact quantizer.
+  """
+  if not 0 < ramp_end <= 1:
+    raise ValueError(f"alpha ramp_end={ramp_end} must be in (0, 1].")
+  r = jnp.clip(jnp.asarray(progress, jnp.float32) / ramp_end, 0.0, 1.0)
+  if kind == "linear":
+    return r
+  if kind == "cosine":
+    return 0.5 * (1 - jnp.cos(jnp.pi * r))
+  if kind == "poly":
+    return r ** power
+  if kind == "constant":
+    return jnp.ones_like(r)
+  raise ValueError(f"Unknown alpha schedule {kind!r}: use 'linear', 'cosine', 'poly' or 'constant'.")
+
+
+# ----------------------------------------------------------------------------
+# The NNX module
+# ----------------------------------------------------------------------------
+class SpikeStats(nnx.Intermediate):
+  """Collection for spike counts sown during an instrumented spike-mode pass."""
+
+
+class ExpGIF(nnx.Module):
+  """An ExpG-IF neuron layer with a learnable threshold `lam` (one per layer).
+
+  `mode='quantize'`: the progressive activation (training; alpha=1 is the exact
+  quantizer). `mode='spike'`: returns a `SpikeTrain` of T steps whose decoding is
+  bitwise the quantizer's output.
+  """
+
+  def __init__(self, T: int = 4, K: int = 2, symmetric: bool = False, lam_init: float = 1.0,
+               method: str = "search", *, rngs: nnx.Rngs | None = None):
+    del rngs  # deterministic init; the argument keeps the NNX constructor convention.
+    check_tk(T, K)
+    if lam_init <= 0:
+      raise ValueError(f"ExpG-IF lam_init={lam_init} must be > 0.")
+    self.T, self.K, self.symmetric, self.method = T, K, symmetric, method
+    self.lam = nnx.Param(jnp.asarray(lam_init, jnp.float32))
+
+  def threshold(self) -> jax.Array:
+    # |lam| keeps the neuron well-defined if an optimiser step ever pushes it negative.
+    return jnp.abs(self.lam[...]) + 1e-6
+
+  def __call__(self, x, *, mode: str = "quantize", alpha=1.0, collect: bool = False):
+    lam = self.threshold().astype(x.dtype)
+    if mode == "quantize":
+      return progressive_activation(x, lam, alpha, self.T, self.K, self.symmetric, self.method)
+    if mode == "spike":
+      spikes, _ = expg_spikes(x, lam, self.T, self.K, self.symmetric, self.method)
+      if collect:
+        self.sow(SpikeStats, "spike_count", jnp.sum(jnp.abs(spikes), dtype=jnp.float32))
+        self.sow(SpikeStats, "neurons", jnp.asarray(x.size, jnp.float32))
+      return SpikeTrain(spikes, code_scale(lam, self.T, self.K, x.dtype))
+    raise ValueError(f"Unknown neuron mode {mode!r}: use 'quantize' or 'spike'.")

@@ -1,0 +1,193 @@
+"""ExpG-IF: level sets, lossless spike emission, gradients, schedule, transforms."""
+import itertools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from hypothesis import given, settings, strategies as st
+
+from ge2mst_jax import neurons as nr
+
+TK = [(T, K) for T in range(1, 9) for K in range(1, T + 1)]
+quantize = jax.jit(nr.expg_quantize, static_argnums=(2, 3, 4))
+emit = jax.jit(nr.expg_spikes, static_argnums=(2, 3, 4))
+
+
+def _probe_inputs(lam, T, K, n=257, seed=0):
+  """Random values plus every exact threshold, values beyond lam, negatives and zeros."""
+  rng = np.random.default_rng(seed)
+  ls = nr.expg_levels(T, K)
+  lam32 = np.float32(lam)
+  thr = (lam32 * ls.thresholds.astype(np.float32)).astype(np.float32)
+  lv = (lam32 * ls.levels.astype(np.float32)).astype(np.float32)
+  x = np.concatenate([
+      rng.uniform(-0.5 * lam, 1.5 * lam, n), thr, np.nextafter(thr, -np.inf), np.nextafter(thr, np.inf),
+      lv, -lv, -thr, [0.0, -0.0, lam, 2 * lam, 1e6, -1e6, np.inf, -np.inf]]).astype(np.float32)
+  return jnp.asarray(x)
+
+
+def test_levels_match_spec_examples():
+  assert nr.expg_levels(4, 2).codes.tolist() == [0, 1, 2, 3, 4, 6, 8, 9, 12]
+  assert nr.expg_levels(4, 2).Z == 12
+  assert nr.expg_levels(4, 1).codes.tolist() == [0, 1, 2, 4, 8]          # Exp-IF
+  assert nr.expg_levels(4, 4).codes.tolist() == list(range(16))           # uniform binary
+  assert nr.groups(4, 2) == [[8, 2], [4, 1]]
+
+
+@pytest.mark.parametrize("T,K", TK)
+def test_level_counts_and_patterns(T, K):
+  ls = nr.expg_levels(T, K)
+  assert len(ls.codes) == math.prod(len(g) + 1 for g in nr.groups(T, K))
+  assert np.all(np.diff(ls.codes) > 0) and ls.codes[0] == 0 and ls.levels[-1] == 1.0
+  # each pattern is the binary expansion of its code and uses at most one base per group
+  np.testing.assert_array_equal(ls.patterns @ nr.step_bases(T), ls.codes)
+  assert ls.patterns.sum(1).max() == K if T > 0 else True
+  step_group = np.arange(T) % K
+  for p in ls.patterns:
+    assert np.all(np.bincount(step_group[p > 0], minlength=K) <= 1)
+
+
+@pytest.mark.parametrize("T,K", TK)
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_spikes_decode_bitwise_to_quantizer(T, K, symmetric):
+  for seed, lam in enumerate([1.0, 0.37, 3.7, 1e-3, 123.25]):
+    x = _probe_inputs(lam, T, K, seed=seed)
+    q = quantize(x, lam, T, K, symmetric)
+    spikes, thetas = emit(x, lam, T, K, symmetric)
+    assert spikes.shape == (T, *x.shape)
+    allowed = {-1.0, 0.0, 1.0} if symmetric else {0.0, 1.0}
+    assert set(np.unique(np.asarray(spikes)).tolist()) <= allowed
+    code = np.tensordot(2 ** np.arange(T - 1, -1, -1), np.asarray(spikes), axes=1)
+    decoded = code.astype(np.float32) * (np.float32(lam) * np.float32(1 / nr.expg_levels(T, K).Z))
+    np.testing.assert_array_equal(decoded.view(np.int32), np.asarray(q).view(np.int32))
+    st_ = nr.SpikeTrain(spikes, nr.code_scale(lam, T, K))
+    np.testing.assert_array_equal(np.asarray(st_.decode()).view(np.int32), np.asarray(q).view(np.int32))
+    np.testing.assert_allclose(jnp.tensordot(thetas, spikes, axes=1), q, rtol=1e-6, atol=0)
+    assert int(jnp.abs(spikes).sum(0).max()) <= K
+    # the quantizer is a nearest level of the clipped input (exact ties round up)
+    a = np.abs(np.asarray(x, np.float64)) if symmetric else np.asarray(x, np.float64)
+    finite = np.isfinite(a)
+    u = np.clip(a[finite] / lam, 0, 1)
+    levels = nr.expg_levels(T, K).levels
+    chosen = np.abs(np.asarray(q, np.float64))[finite] / lam
+    best = np.min(np.abs(u[:, None] - levels[None]), axis=1)
+    assert np.all(np.abs(u - chosen) <= best + 1e-5)
+
+
+@settings(max_examples=60, deadline=None)
+@given(T=st.integers(1, 8), data=st.data(), lam=st.floats(1e-3, 1e3),
+       xs=st.lists(st.floats(-1e4, 1e4, width=32), min_size=1, max_size=64), symmetric=st.booleans())
+def test_lossless_property(T, data, lam, xs, symmetric):
+  K = data.draw(st.integers(1, T))
+  x = jnp.asarray(xs + [0.0] * (64 - len(xs)), jnp.float32)  # one shape: one compile per (T, K)
+  q = quantize(x, lam, T, K, symmetric)
+  spikes, _ = emit(x, lam, T, K, symmetric)
+  dec = nr.SpikeTrain(spikes, nr.code_scale(lam, T, K)).decode()
+  assert np.array_equal(np.asarray(dec).view(np.int32), np.asarray(q).view(np.int32))
+  assert int(jnp.abs(spikes).sum(0).max()) <= K
+
+
+def test_exp_if_fires_at_most_once():
+  x = jax.random.uniform(jax.random.key(1), (4096,), minval=-1, maxval=3)
+  for T in range(1, 9):
+    spikes, _ = nr.expg_spikes(x, 1.0, T, 1)
+    assert int(spikes.sum(0).max()) == 1
+
+
+def test_search_and_compare_methods_agree():
+  x = _probe_inputs(0.8, 6, 3)
+  np.testing.assert_array_equal(nr.expg_code(x, 0.8, 6, 3, "search"), nr.expg_code(x, 0.8, 6, 3, "compare"))
+  with pytest.raises(ValueError, match="method='compare'"):
+    nr.expg_code(x[:4], jnp.ones((4,)), 6, 3, "search")
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_gradients_straight_through_and_lambda(symmetric):
+  lam = 1.5
+  x = jnp.asarray([-3.0, -1.0, -0.2, 0.1, 0.7, 1.2, 1.5, 2.0, 5.0])
+  gx = jax.grad(lambda x: nr.expg_quantize(x, lam, 4, 2, symmetric).sum())(x)
+  a = jnp.abs(x) if symmetric else x
+  np.testing.assert_array_equal(gx, jnp.where((a >= 0) & (a <= lam), 1.0, 0.0))
+  data = jax.random.normal(jax.random.key(0), (512,))
+  glam = jax.grad(lambda l: jnp.sum(nr.expg_quantize(data, l, 4, 2, symmetric) ** 2))(lam)
+  assert np.isfinite(glam) and glam != 0
+  # d/dlam of a fully saturated neuron is exactly its level: 1 (times sign)
+  sat = jnp.asarray([10.0, -10.0])
+  g_sat = jax.grad(lambda l: nr.expg_quantize(sat, l, 4, 2, symmetric).sum())(lam)
+  assert float(g_sat) == (0.0 if symmetric else 1.0)
+
+
+def test_lambda_gradient_matches_finite_difference_of_surrogate():
+  # inside the range, Q = lam * q(x/lam) with q locally constant under STE: dQ/dlam = q - x/lam
+  x = jnp.asarray([0.3, 0.55, 0.9])
+  lam = 1.0
+  g = jax.grad(lambda l: nr.expg_quantize(x, l, 4, 2).sum())(lam)
+  q = nr.expg_quantize(x, lam, 4, 2) / lam
+  np.testing.assert_allclose(g, jnp.sum(q - x / lam), rtol=1e-6)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_progressive_activation_end_points_exact(symmetric):
+  x = _probe_inputs(1.2, 4, 2)[:-2]  # drop +-inf (0 * inf is nan in any blend)
+  q = nr.expg_quantize(x, 1.2, 4, 2, symmetric)
+  clip = jnp.clip(x, -1.2 if symmetric else 0, 1.2)
+  for alpha in (1.0, jnp.float32(1.0)):
+    out = nr.progressive_activation(x, 1.2, alpha, 4, 2, symmetric)
+    np.testing.assert_array_equal(np.asarray(out).view(np.int32), np.asarray(q).view(np.int32))
+  for alpha in (0.0, jnp.float32(0.0)):
+    out = nr.progressive_activation(x, 1.2, alpha, 4, 2, symmetric)
+    np.testing.assert_array_equal(np.asarray(out).view(np.int32), np.asarray(clip).view(np.int32))
+  mid = nr.progressive_activation(x, 1.2, 0.25, 4, 2, symmetric)
+  np.testing.assert_allclose(mid, 0.75 * clip + 0.25 * q, rtol=1e-6, atol=1e-6)
+
+
+def test_alpha_schedule():
+  np.testing.assert_allclose(nr.alpha_schedule(jnp.asarray([0.0, 0.4, 0.8, 1.0])), [0, 0.5, 1, 1])
+  np.testing.assert_allclose(nr.alpha_schedule(0.5, ramp_end=1.0), 0.5)       # e/E
+  np.testing.assert_allclose(nr.alpha_schedule(0.4, "cosine"), 0.5, atol=1e-6)
+  assert float(nr.alpha_schedule(0.0, "constant")) == 1.0
+  with pytest.raises(ValueError, match="Unknown alpha schedule"):
+    nr.alpha_schedule(0.1, "exp")
+
+
+@pytest.mark.parametrize("T,K", [(0, 1), (4, 0), (4, 5), (17, 1), (2.5, 1)])
+def test_bad_t_k_errors(T, K):
+  with pytest.raises(ValueError, match="out of range"):
+    nr.expg_levels(T, K)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_jit_vmap_grad_shapes_dtypes(dtype):
+  x = (jax.random.normal(jax.random.key(2), (3, 5, 7)) * 2).astype(dtype)
+  q = jax.jit(nr.expg_quantize, static_argnums=(2, 3, 4))(x, 1.0, 4, 2, True)
+  assert q.shape == x.shape and q.dtype == dtype
+  s, th = jax.jit(nr.expg_spikes, static_argnums=(2, 3))(x, 1.0, 4, 2)
+  assert s.shape == (4, 3, 5, 7) and s.dtype == dtype and th.dtype == dtype
+  dec = nr.SpikeTrain(s, nr.code_scale(1.0, 4, 2, dtype)).decode()
+  np.testing.assert_array_equal(np.asarray(dec, np.float32), np.asarray(nr.expg_quantize(x, 1.0, 4, 2), np.float32))
+  vq = jax.vmap(lambda r, l: nr.expg_quantize(r, l, 4, 2))(x.astype(jnp.float32), jnp.asarray([0.5, 1.0, 2.0]))
+  assert vq.shape == x.shape
+  vs, _ = jax.vmap(lambda r: nr.expg_spikes(r, 1.0, 4, 2))(x)
+  assert vs.shape == (3, 4, 5, 7)
+  g = jax.grad(lambda x: nr.progressive_activation(x, 1.0, 0.3, 4, 2).astype(jnp.float32).sum())(x)
+  assert g.shape == x.shape and g.dtype == dtype
+  ga = jax.jit(jax.grad(lambda a: nr.progressive_activation(x.astype(jnp.float32), 1.0, a, 4, 2).sum()))(0.5)
+  assert np.isfinite(ga)
+
+
+def test_nnx_neuron_modes():
+  n = nr.ExpGIF(T=4, K=2, lam_init=1.5)
+  x = jax.random.normal(jax.random.key(3), (2, 8, 8, 4)) * 2
+  q = n(x, mode="quantize", alpha=1.0)
+  train = n(x, mode="spike")
+  assert isinstance(train, nr.SpikeTrain) and train.spikes.shape == (4, 2, 8, 8, 4)
+  np.testing.assert_array_equal(train.decode(), q)
+  grads = nnx.grad(lambda m: jnp.sum(m(x, mode="quantize", alpha=0.5) ** 2))(n)
+  assert float(grads.lam[...]) != 0
+  with pytest.raises(ValueError, match="Unknown neuron mode"):
+    n(x, mode="ann")
+  sym = nr.ExpGIF(T=3, K=3, symmetric=True)
+  assert set(np.unique(sym(x, mode="spike").spikes).tolist()) == {-1.0, 0.0, 1.0}
