@@ -1,0 +1,224 @@
+"""Spiking self-attention (SSA) and group-wise SSA (GW-SSA), SPEC §2.
+
+SSA has no softmax and no real-valued products: `A = IF(Q K^T 2^-m)`, `O = IF±(A V)`
+with Q, K, V spike-coded by symmetric ExpG-IF neurons. In spike mode each product
+takes two `SpikeTrain`s: their exact integer codes (shift-and-add decodings) are
+multiplied as integers, so the work is additions of shifted values, and the
+result is scaled once by the two presynaptic `lam / Z`.
+
+GW-SSA splits channels into a global part (strided groups `x[i::s, j::s]`) and a
+local part (`s x s` windows); both groupings are reshapes + one transpose, and the
+attention of all groups and heads is one batched einsum.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ge2mst_jax.blocks import SConv, SynapticConv
+from ge2mst_jax.neurons import ExpGIF, SpikeStats, SpikeTrain, code_scale
+
+GROUPINGS = ("global", "local")
+
+
+# ----------------------------------------------------------------------------
+# Token grouping (pure)
+# ----------------------------------------------------------------------------
+def check_divisible(H: int, W: int, s: int) -> None:
+  if H % s or W % s:
+    raise ValueError(f"GW-SSA stride s={s} does not divide the {H}x{W} token map: choose a stride that "
+                     f"divides both (or change the input size).")
+
+
+def to_groups(x: jax.Array, s: int, kind: str) -> jax.Array:
+  """`(..., H, W, C)` -> `(..., s*s, (H/s)*(W/s), C)`.
+
+  global: group (i, j) holds tokens `x[i::s, j::s]` (row h = p*s + i), a dilated view of
+  the whole map; local: group (i, j) is window `x[i*H/s:(i+1)*H/s, j*W/s:(j+1)*W/s]`.
+  """
+  *lead, H, W, C = x.shape
+  check_divisible(H, W, s)
+  n = len(lead)
+  if kind == "global":
+    x = x.reshape(*lead, H // s, s, W // s, s, C)      # (..., p, i, q, j, C)
+    perm = (n + 1, n + 3, n, n + 2)
+  elif kind == "local":
+    x = x.reshape(*lead, s, H // s, s, W // s, C)      # (..., i, p, j, q, C)
+    perm = (n, n + 2, n + 1, n + 3)
+  else:
+    raise ValueError(f"Unknown grouping {kind!r}: use one of {GROUPINGS}.")
+  x = jnp.transpose(x, (*range(n), *perm, n + 4))      # (..., i, j, p, q, C)
+  return x.reshape(*lead, s * s, (H // s) * (W // s), C)
+
+
+def from_groups(x: jax.Array, s: int, kind: str, H: int, W: int) -> jax.Array:
+  """Inverse of `to_groups`."""
+  *lead, _, _, C = x.shape
+  n = len(lead)
+  x = x.reshape(*lead, s, s, H // s, W // s, C)        # (..., i, j, p, q, C)
+  if kind == "global":
+    x = jnp.transpose(x, (*range(n), n + 2, n, n + 3, n + 1, n + 4))   # (..., p, i, q, j, C)
+  elif kind == "local":
+    x = jnp.transpose(x, (*range(n), n, n + 2, n + 1, n + 3, n + 4))   # (..., i, p, j, q, C)
+  else:
+    raise ValueError(f"Unknown grouping {kind!r}: use one of {GROUPINGS}.")
+  return x.reshape(*lead, H, W, C)
+
+
+def split_heads(x: jax.Array, heads: int) -> jax.Array:
+  if x.shape[-1] % heads:
+    raise ValueError(f"Attention channels {x.shape[-1]} not divisible by heads={heads}.")
+  return x.reshape(*x.shape[:-1], heads, x.shape[-1] // heads)
+
+
+# ----------------------------------------------------------------------------
+# Products of spike-coded operands
+# ----------------------------------------------------------------------------
+def spike_einsum(spec: str, a: SpikeTrain, b: SpikeTrain, *, sow_to: nnx.Module | None = None,
+                 name: str = "matmul") -> jax.Array:
+  """`einsum(spec, decode(a), decode(b))` computed from the spikes alone.
+
+  Integer codes are exact in float32 while a sum stays below 2^24 (T=4: 225 per pair,
+  so over 70 000 terms). SOPs: each pair of non-zero spikes meeting in the product is
+  one accumulate (of a shifted threshold), i.e. `einsum(spec, n_a, n_b)` summed, where
+  `n` counts the spikes of an element over the T steps.
+  """
+  out = jnp.einsum(spec, a.code(), b.code()) * (a.scale * b.scale).astype(a.spikes.dtype)
+  if sow_to is not None:
+    count = lambda t: jnp.sum(jnp.abs(t.spikes), axis=0, dtype=jnp.float32)
+    sow_to.sow(SpikeStats, f"{name}_sops", jnp.sum(jnp.einsum(spec, count(a), count(b))))
+  return out
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def grid_einsum(spec: str, a, b, scale_a, scale_b):
+  """`einsum(spec, a, b)` for operands on their quantizer grids (`a = code_a * scale_a`).
+
+  Computed as the spiking product is, `einsum(code_a, code_b) * (scale_a * scale_b)`
+  with the integer codes recovered by rounding, so quantize mode and spike mode give
+  the same bits. That matters here: at a fresh init both operands and the next
+  neuron's thresholds sit on commensurate grids and exact ties are common, so any
+  other rounding would send tied scores to different levels in the two modes.
+  The derivative is the bilinear one of the plain einsum.
+  """
+  code = lambda t, sc: jnp.round(t * (1 / sc).astype(t.dtype))
+  return jnp.einsum(spec, code(a, scale_a), code(b, scale_b)) * (scale_a * scale_b).astype(a.dtype)
+
+
+@grid_einsum.defjvp
+def _grid_einsum_jvp(spec, primals, tangents):
+  a, b, sa, sb = primals
+  da, db, _, _ = tangents
+  return grid_einsum(spec, a, b, sa, sb), jnp.einsum(spec, da, b) + jnp.einsum(spec, a, db)
+
+
+def _product(spec, a, b, mode, owner, name, collect, scales=None):
+  if mode == "spike":
+    out = spike_einsum(spec, a, b, sow_to=owner if collect else None, name=name)
+    contracted = a.spikes.shape[-1]
+  else:
+    out = jnp.einsum(spec, a, b) if scales is None else grid_einsum(spec, a, b, *scales)
+    contracted = a.shape[-1]
+  if collect:  # dense MACs per image: every output sums `contracted` products
+    owner.sow(SpikeStats, f"{name}_macs", jnp.asarray(out.size // out.shape[0] * contracted, jnp.float32))
+  return out
+
+
+def _tokens(x, fn):
+  """Applies an array function to a real tensor or to each spike step of a SpikeTrain."""
+  return SpikeTrain(fn(x.spikes), x.scale) if isinstance(x, SpikeTrain) else fn(x)
+
+
+# ----------------------------------------------------------------------------
+# The attention layer
+# ----------------------------------------------------------------------------
+class SpikingAttention(nnx.Module):
+  """SSA (stride=None) or GW-SSA (stride s) on `(B, H, W, C)` tokens; returns `Proj(O)`.
+
+  GW-SSA: channels `[:C*global_frac]` attend within strided global groups, the rest
+  within `s x s` local windows; each part uses `heads` heads.
+  """
+
+  def __init__(self, dim: int, heads: int, stride: int | None = None, global_frac: float = 0.5,
+               scale_log2: int | None = None, *, neuron: dict, dtype=jnp.float32, rngs: nnx.Rngs):
+    self.dim, self.heads, self.stride = dim, heads, stride
+    if stride is None:
+      self.parts = ((None, dim),)
+    else:
+      cg = int(round(dim * global_frac))
+      self.parts = tuple((k, c) for k, c in (("global", cg), ("local", dim - cg)) if c > 0)
+    for kind, c in self.parts:
+      if c % heads:
+        raise ValueError(f"Attention part {kind or 'ssa'} has {c} channels, not divisible by heads={heads}.")
+    head_dim = min(c for _, c in self.parts) // heads
+    self.scale_log2 = int(round(0.5 * math.log2(head_dim))) if scale_log2 is None else int(scale_log2)
+    sym = dict(neuron, symmetric=True)
+    self.q = SConv(dim, dim, 1, neuron=neuron, dtype=dtype, rngs=rngs)  # IF(X) -> 1x1 -> BN
+    self.k = SynapticConv(dim, dim, 1, dtype=dtype, rngs=rngs)
+    self.v = SynapticConv(dim, dim, 1, dtype=dtype, rngs=rngs)
+    self.q_if, self.k_if, self.v_if = ExpGIF(**sym), ExpGIF(**sym), ExpGIF(**sym)
+    self.attn_if = ExpGIF(**dict(neuron, symmetric=False))
+    self.out_if = ExpGIF(**sym)
+    self.proj = SynapticConv(dim, dim, 1, dtype=dtype, rngs=rngs)
+
+  def attend(self, q, k, v, *, mode, alpha, collect):
+    """Attention of spike-coded `q, k, v` laid out `(..., G, N, heads, d)` (any leading dims)."""
+    kw = dict(mode=mode, alpha=alpha, collect=collect)
+    # With a static alpha = 1 (evaluation) the operands are exactly on their grids.
+    on_grid = mode == "quantize" and isinstance(alpha, (int, float)) and alpha >= 1
+    scale = lambda n: code_scale(n.threshold(), n.T, n.K, q.dtype) if on_grid else None
+    pair = lambda n1, n2: (scale(n1), scale(n2)) if on_grid else None
+    scores = _product("...gnhd,...gmhd->...ghnm", q, k, mode, self, "qk", collect, pair(self.q_if, self.k_if))
+    a = self.attn_if(scores * (2.0 ** -self.scale_log2), **kw)  # a shift
+    return _product("...ghnm,...gmhd->...gnhd", a, v, mode, self, "av", collect, pair(self.attn_if, self.v_if))
+
+  def __call__(self, x, *, mode="quantize", alpha=1.0, collect=False, spikes_in=None):
+    """`x`: the block's real input. `spikes_in`: its ExpG-IF spikes if already emitted."""
+    kw = dict(mode=mode, alpha=alpha, collect=collect)
+    s = spikes_in if spikes_in is not None else self.q.neuron(x, **kw)
+    q = self.q_if(self.q.conv(s, mode=mode, collect=collect), **kw)
+    k = self.k_if(self.k(s, mode=mode, collect=collect), **kw)
+    v = self.v_if(self.v(s, mode=mode, collect=collect), **kw)
+    H, W = x.shape[-3:-1]
+    outs, start = [], 0
+    for kind, c in self.parts:   # at most two parts: the global and the local channels
+      sl = lambda t, a=start, b=start + c: t[..., a:b]
+      if kind is None:
+        group = lambda t: split_heads(t.reshape(*t.shape[:-3], 1, H * W, t.shape[-1]), self.heads)
+        ungroup = lambda t: t.reshape(*t.shape[:-4], H, W, -1)
+      else:
+        group = lambda t, kind=kind: split_heads(to_groups(t, self.stride, kind), self.heads)
+        ungroup = lambda t, kind=kind: from_groups(t.reshape(*t.shape[:-2], -1), self.stride, kind, H, W)
+      g = [_tokens(t, lambda u: group(sl(u))) for t in (q, k, v)]
+      outs.append(ungroup(self.attend(*g, **kw)))
+      start += c
+    o = jnp.concatenate(outs, axis=-1) if len(outs) > 1 else outs[0]
+    return self.proj(self.out_if(o, **kw), mode=mode, collect=collect)
+
+
+class AttentionBlock(nnx.Module):
+  """`Y = X + Proj(attention(IF(X))) + ConvBranch(IF(X))` (SPEC §2, Eq. 8).
+
+  conv_branch: 'dw' (depthwise 3x3, default), 'full' (dense 3x3) or 'none' (plain SSA).
+  """
+
+  def __init__(self, dim, heads, stride=None, global_frac=0.5, scale_log2=None, conv_branch="dw", *,
+               neuron: dict, dtype=jnp.float32, rngs: nnx.Rngs):
+    if conv_branch not in ("dw", "full", "none"):
+      raise ValueError(f"Unknown conv_branch {conv_branch!r}: use 'dw', 'full' or 'none'.")
+    self.attn = SpikingAttention(dim, heads, stride, global_frac, scale_log2, neuron=neuron, dtype=dtype,
+                                 rngs=rngs)
+    groups = dim if conv_branch == "dw" else 1
+    self.conv = None if conv_branch == "none" else SynapticConv(dim, dim, 3, groups=groups, dtype=dtype,
+                                                                rngs=rngs)
+
+  def __call__(self, x, *, mode="quantize", alpha=1.0, collect=False):
+    s = self.attn.q.neuron(x, mode=mode, alpha=alpha, collect=collect)
+    y = x + self.attn(x, mode=mode, alpha=alpha, collect=collect, spikes_in=s)
+    if self.conv is not None:
+      y = y + self.conv(s, mode=mode, collect=collect)
+    return y

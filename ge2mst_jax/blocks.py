@@ -1,0 +1,174 @@
+"""Synaptic layers and the convolutional blocks of Ge2mS-T (SPEC §3).
+
+Every synaptic layer runs in two modes with one set of weights:
+- `quantize`: `BN(conv(x))` on real activations (the quantizer outputs), training path;
+- `spike`: consumes a `SpikeTrain`; BatchNorm is folded into the kernel and bias, the
+  folded kernel acts on each binary (or ternary) step `s_t` (additions only), and the
+  post-synaptic neuron integrates `sum_t theta_t (W s_t) + b`.
+
+With `collect=True` the layer sows into `SpikeStats` its exact synaptic-operation count
+(spike mode; a total over the batch) and its dense MAC count per image (both modes);
+`energy.py` aggregates them.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ge2mst_jax.neurons import ExpGIF, SpikeStats, SpikeTrain, step_bases
+
+_DN = ("NHWC", "HWIO", "NHWC")
+_kernel_init = nnx.initializers.variance_scaling(2.0, "fan_in", "truncated_normal")
+
+
+def conv2d(x, kernel, stride: int, groups: int):
+  """NHWC convolution with symmetric 'same' padding (k // 2), identical in both modes."""
+  k = kernel.shape[0]
+  pad = ((k // 2, k // 2), (k // 2, k // 2))
+  return jax.lax.conv_general_dilated(x, kernel, (stride, stride), pad, dimension_numbers=_DN,
+                                      feature_group_count=groups)
+
+
+def integrate_steps(per_step: jax.Array, scale: jax.Array) -> jax.Array:
+  """`sum_t theta_t y_t` with `theta_t = scale * 2^(T-t)`: shifts and adds, then one scale.
+
+  The scale is the presynaptic `lam / Z`; it is folded into the next threshold on
+  hardware, so the per-step work stays additions.
+  """
+  bases = jnp.asarray(step_bases(per_step.shape[0]), per_step.dtype)
+  return jnp.tensordot(bases, per_step, axes=1) * scale.astype(per_step.dtype)
+
+
+def spike_sops_conv(spikes: jax.Array, kernel_shape, stride: int, groups: int) -> jax.Array:
+  """Exact accumulate count of a conv driven by `spikes` (T, B, H, W, Cin), batch total.
+
+  Each non-zero input adds one weight to every output it reaches, so the count is the
+  convolution of the per-element spike count with a ones kernel (borders and stride
+  included), times the output channels per group.
+  """
+  k, _, cin_g, cout = kernel_shape
+  counts = jnp.sum(jnp.abs(spikes), axis=0, dtype=jnp.float32)
+  ones = jnp.ones((k, k, cin_g, groups), jnp.float32)
+  reach = conv2d(counts, ones, stride, groups)
+  return jnp.sum(reach) * (cout // groups)
+
+
+class SynapticConv(nnx.Module):
+  """Conv k x k (stride, groups) followed by BatchNorm; a linear layer is k = 1."""
+
+  def __init__(self, cin: int, cout: int, kernel: int = 1, stride: int = 1, groups: int = 1,
+               *, bn: bool = True, bias: bool = False, dtype=jnp.float32, rngs: nnx.Rngs):
+    if cin % groups or cout % groups:
+      raise ValueError(f"SynapticConv: channels {cin}->{cout} not divisible by groups={groups}.")
+    self.stride, self.groups, self.dtype = stride, groups, dtype
+    # Activations stay float32 (float64 when verifying) whatever the conv's compute dtype.
+    self.acc_dtype = jnp.promote_types(dtype, jnp.float32)
+    self.kernel = nnx.Param(_kernel_init(rngs.params(), (kernel, kernel, cin // groups, cout)))
+    self.bias = nnx.Param(jnp.zeros((cout,))) if bias else None
+    self.bn = nnx.BatchNorm(cout, momentum=0.9, epsilon=1e-5, rngs=rngs) if bn else None
+
+  def folded(self):
+    """Kernel and bias with BatchNorm's running statistics folded in."""
+    w = self.kernel[...]
+    b = self.bias[...] if self.bias is not None else jnp.zeros((w.shape[-1],))
+    if self.bn is None:
+      return w, b
+    inv = self.bn.scale[...] * jax.lax.rsqrt(self.bn.var[...] + self.bn.epsilon)
+    return w * inv, (b - self.bn.mean[...]) * inv + self.bn.bias[...]
+
+  def _macs(self, out_shape) -> float:
+    k, _, cin_g, _ = self.kernel.shape
+    return float(out_shape[-3] * out_shape[-2] * out_shape[-1] * k * k * cin_g)
+
+  def __call__(self, x, *, mode: str = "quantize", collect: bool = False):
+    if mode == "spike":
+      if not isinstance(x, SpikeTrain):
+        raise TypeError("SynapticConv in spike mode consumes a SpikeTrain (the output of an ExpG-IF layer).")
+      w, b = self.folded()
+      T, B = x.spikes.shape[:2]
+      s = x.spikes.reshape(T * B, *x.spikes.shape[2:]).astype(self.dtype)
+      y = conv2d(s, w.astype(self.dtype), self.stride, self.groups).astype(self.acc_dtype)
+      y = integrate_steps(y.reshape(T, B, *y.shape[1:]), x.scale) + b.astype(self.acc_dtype)
+      if collect:
+        self.sow(SpikeStats, "sops", spike_sops_conv(x.spikes, self.kernel.shape, self.stride, self.groups))
+        self.sow(SpikeStats, "macs", jnp.asarray(self._macs(y.shape), jnp.float32))
+      return y
+    if isinstance(x, SpikeTrain):
+      raise TypeError("SynapticConv got a SpikeTrain in quantize mode: call every layer with the same mode.")
+    y = conv2d(x.astype(self.dtype), self.kernel[...].astype(self.dtype), self.stride, self.groups)
+    y = y.astype(self.acc_dtype)
+    if self.bias is not None:
+      y = y + self.bias[...]
+    if self.bn is not None:
+      y = self.bn(y)
+    if collect:
+      self.sow(SpikeStats, "macs", jnp.asarray(self._macs(y.shape), jnp.float32))
+    return y
+
+
+class SConv(nnx.Module):
+  """A spiking convolution: ExpG-IF, then conv + BN (SPEC §3: Stage 1, down-sampling)."""
+
+  def __init__(self, cin, cout, kernel=3, stride=1, groups=1, *, neuron: dict, dtype=jnp.float32,
+               rngs: nnx.Rngs):
+    self.neuron = ExpGIF(**neuron)
+    self.conv = SynapticConv(cin, cout, kernel, stride, groups, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x, *, mode="quantize", alpha=1.0, collect=False):
+    return self.conv(self.neuron(x, mode=mode, alpha=alpha, collect=collect), mode=mode, collect=collect)
+
+
+class SFFN(nnx.Module):
+  """`X + BN(1x1(IF(BN(DW3x3(IF(BN(1x1_{C->rC}(IF(X)))))))))` (Conv-SFFN, SPEC §3, Eq. 9).
+
+  With `depthwise=False` the middle depthwise stage is dropped: the plain SFFN.
+  """
+
+  def __init__(self, dim: int, ratio: int = 4, depthwise: bool = True, *, neuron: dict,
+               dtype=jnp.float32, rngs: nnx.Rngs):
+    hidden = dim * ratio
+    self.fc1 = SConv(dim, hidden, 1, neuron=neuron, dtype=dtype, rngs=rngs)
+    self.dw = SConv(hidden, hidden, 3, groups=hidden, neuron=neuron, dtype=dtype, rngs=rngs) if depthwise else None
+    self.fc2 = SConv(hidden, dim, 1, neuron=neuron, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x, *, mode="quantize", alpha=1.0, collect=False):
+    kw = dict(mode=mode, alpha=alpha, collect=collect)
+    h = self.fc1(x, **kw)
+    if self.dw is not None:
+      h = self.dw(h, **kw)
+    return x + self.fc2(h, **kw)
+
+
+class Stem(nnx.Module):
+  """The real-valued first convolution (k x k, stride) + BN: its input is the image, not spikes.
+
+  Identical in both modes; its MACs are reported apart from the SOPs (SPEC §4).
+  """
+
+  def __init__(self, cin: int, cout: int, kernel: int, stride: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
+    self.conv = SynapticConv(cin, cout, kernel, stride, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x, *, mode="quantize", collect=False):
+    del mode  # the stem is not a spiking layer
+    return self.conv(x, mode="quantize", collect=collect)
+
+
+class EventFrameAdapter(nnx.Module):
+  """Merges event-camera frames `[B, T_in, H, W, 2]` into a 3-channel image (SPEC §3).
+
+  A 3x3 convolution over time x polarity (`T_in * 2` input channels) + BN, real-valued
+  like the stem, so that an ImageNet-trained stem and network can be fine-tuned on it.
+  """
+
+  def __init__(self, frames: int, polarities: int = 2, out_channels: int = 3, *, dtype=jnp.float32,
+               rngs: nnx.Rngs):
+    self.frames, self.polarities = frames, polarities
+    self.conv = SynapticConv(frames * polarities, out_channels, 3, dtype=dtype, rngs=rngs)
+
+  def __call__(self, events, *, collect=False):
+    if events.ndim != 5 or events.shape[1] != self.frames or events.shape[-1] != self.polarities:
+      raise ValueError(f"Event input must be [B, {self.frames}, H, W, {self.polarities}], got {tuple(events.shape)}.")
+    B, T_in, H, W, P = events.shape
+    x = jnp.transpose(events, (0, 2, 3, 1, 4)).reshape(B, H, W, T_in * P)
+    return self.conv(x, mode="quantize", collect=collect)

@@ -1,0 +1,96 @@
+"""SOP counting, firing rates and energy against hand-computed values."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from ge2mst_jax import attention, blocks, energy, models
+from ge2mst_jax.neurons import SpikeTrain
+
+
+def _layer_sops(layer, train):
+  _, flat = energy.capture_stats(lambda m, x: m(x, mode="spike", collect=True), layer, train)
+  return {k[-1]: float(v) for k, v in flat.items()}
+
+
+def test_linear_layer_sops_hand_computed():
+  layer = blocks.SynapticConv(3, 5, 1, rngs=nnx.Rngs(0))
+  spikes = np.zeros((2, 1, 2, 2, 3), np.float32)   # T=2, B=1, 2x2 tokens, 3 channels
+  spikes[0, 0, 0, 0, [0, 2]] = 1                    # two spikes at step 1
+  spikes[1, 0, 1, 1, 1] = 1                         # one at step 2
+  out = _layer_sops(layer, SpikeTrain(jnp.asarray(spikes), jnp.float32(0.5)))
+  assert out["sops"] == 3 * 5                        # each spike reaches all 5 outputs once
+  assert out["macs"] == 2 * 2 * 5 * 3                # dense: 4 positions x 5 outputs x 3 inputs
+
+
+def test_conv_sops_respect_borders_stride_and_groups():
+  spikes = np.zeros((1, 1, 4, 4, 2), np.float32)
+  spikes[0, 0, 0, 0, 0] = 1      # corner spike: a 3x3 'same' conv reaches 2x2 outputs
+  spikes[0, 0, 1, 1, 1] = 1      # interior spike: reaches 3x3 outputs
+  train = SpikeTrain(jnp.asarray(spikes), jnp.float32(1.0))
+  dense = blocks.SynapticConv(2, 3, 3, rngs=nnx.Rngs(0))
+  assert _layer_sops(dense, train)["sops"] == (4 + 9) * 3
+  depthwise = blocks.SynapticConv(2, 2, 3, groups=2, rngs=nnx.Rngs(0))
+  assert _layer_sops(depthwise, train)["sops"] == (4 + 9) * 1
+  strided = blocks.SynapticConv(2, 3, 3, stride=2, rngs=nnx.Rngs(0))
+  # outputs at rows/cols {0, 2}: the corner spike reaches (0,0); (1,1) reaches (0,0),(0,2),(2,0),(2,2)
+  assert _layer_sops(strided, train)["sops"] == (1 + 4) * 3
+
+
+def test_spike_product_sops_count_spike_pairs():
+  a = np.zeros((2, 1, 2, 3), np.float32)   # T=2, batch 1, 2 tokens, 3 channels
+  b = np.zeros((2, 1, 2, 3), np.float32)
+  a[0, 0, 0, 0] = a[1, 0, 0, 0] = 1        # token 0, channel 0 fires twice (code 3)
+  b[0, 0, 1, 0] = 1                         # key 1, channel 0 fires once
+  b[1, 0, 0, 2] = -1                        # key 0, channel 2: no partner in a
+  owner = blocks.SynapticConv(1, 1, rngs=nnx.Rngs(0))
+  product = lambda m, a, b: attention.spike_einsum("bnd,bmd->bnm", a, b, sow_to=m, name="qk")
+  out, flat = energy.capture_stats(product, owner, SpikeTrain(jnp.asarray(a), jnp.float32(0.25)),
+                                   SpikeTrain(jnp.asarray(b), jnp.float32(0.5)))
+  stats = {k[-1]: float(v) for k, v in flat.items()}
+  assert stats["qk_sops"] == 2 * 1                          # two a-spikes meet one b-spike
+  np.testing.assert_allclose(out[0], [[0.0, 3 * 0.25 * 2 * 0.5], [0.0, 0.0]])
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  model = models.create_model("ge2mst_tiny", 10, nnx.Rngs(0))
+  model.eval()
+  return model
+
+
+def test_zero_input_gives_zero_sops_and_energy_is_0_9_pj(tiny):
+  zero = energy.energy_report(tiny, jnp.zeros((2, 32, 32, 3)))
+  # all-zero images still excite neurons through BN biases; feeding zero *spikes* must cost nothing
+  layer = blocks.SynapticConv(4, 4, 3, rngs=nnx.Rngs(0))
+  assert _layer_sops(layer, SpikeTrain(jnp.zeros((4, 1, 5, 5, 4)), jnp.float32(1.0)))["sops"] == 0
+  rep = energy.energy_report(tiny, jax.random.normal(jax.random.key(0), (2, 32, 32, 3)))
+  assert rep["sops_per_image"] > 0
+  assert rep["energy_mj_per_image"] == pytest.approx(0.9e-9 * rep["sops_per_image"], rel=1e-12)
+  assert rep["sops_per_image"] == pytest.approx(sum(rep["sops_per_stage"].values()), rel=1e-9)
+  assert rep["sops_per_image"] == pytest.approx(sum(rep["sops_per_block"].values()), rel=1e-9)
+  assert "stem" not in rep["sops_per_stage"] and rep["stem_macs_per_image"] == 32 * 32 * 16 * 3 * 3 * 3
+  assert rep["stem_energy_mj_per_image"] == pytest.approx(4.6e-9 * rep["stem_macs_per_image"])
+  assert all(0 <= r <= 1 for r in rep["firing_rates"].values()) and len(rep["firing_rates"]) > 20
+  assert zero["sops_per_image"] >= 0
+
+
+def test_sops_scale_with_batch_as_documented(tiny):
+  """Layers sow batch totals; the report divides by the batch: duplicated images, same per-image SOPs."""
+  x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+  one = energy.energy_report(tiny, x)
+  two = energy.energy_report(tiny, jnp.concatenate([x, x]))
+  assert two["sops_per_image"] == pytest.approx(one["sops_per_image"], rel=1e-6)
+  _, flat1 = energy.instrumented_forward(tiny, x)
+  _, flat2 = energy.instrumented_forward(tiny, jnp.concatenate([x, x]))
+  key = next(k for k in flat1 if k[-1] == "sops")
+  assert float(flat2[key]) == pytest.approx(2 * float(flat1[key]))
+
+
+def test_small_model_macs_at_224():
+  model = models.create_model("ge2mst_small", 1000, nnx.Rngs(0))
+  macs = energy.model_macs(model, (224, 224, 3))
+  print(f"ge2mst_small @224: {macs['macs_per_image'] / 1e9:.3f} G MACs, {macs['flops_per_image'] / 1e9:.3f} GFLOPs")
+  assert macs["stem_macs_per_image"] == 112 * 112 * 32 * 7 * 7 * 3
+  assert 0.5e9 < macs["macs_per_image"] < 3e9
