@@ -103,7 +103,12 @@ def expg_code(x: jax.Array, lam: jax.Array, T: int, K: int, method: str = "searc
       raise ValueError(f"expg_code(method='search') needs a scalar lam, got shape {lam.shape}: use method='compare'.")
     idx = jnp.searchsorted(thr, x, side="right")
   elif method == "compare":
-    idx = jnp.sum(x[..., None] >= thr, axis=-1, dtype=jnp.int32)
+    # code = sum_j [x >= thr_j] * (c_{j+1} - c_j): elementwise and fusible, no gather.
+    steps = np.diff(ls.codes).astype(np.int32)
+    code = jnp.zeros(x.shape, jnp.int32)
+    for j in range(len(steps)):
+      code = code + jnp.where(x >= thr[..., j], steps[j], 0)
+    return code
   else:
     raise ValueError(f"Unknown expg_code method {method!r}: use 'search' or 'compare'.")
   return codes[idx]

@@ -1,0 +1,59 @@
+"""Defaults shared by every config; each data set's file overrides what differs."""
+import dataclasses
+
+import ml_collections
+
+from ge2mst_jax import models
+
+
+def arch_dict(name: str, **overrides) -> ml_collections.ConfigDict:
+  """Every ArchConfig field of a family member, so `--config.model.arch.FIELD=...` works for all."""
+  arch = dataclasses.asdict(models.arch_config(name, **overrides))
+  # None ("automatic") fields become typed placeholders that a flag can still set.
+  arch = {k: ml_collections.config_dict.placeholder(int) if v is None else v for k, v in arch.items()}
+  return ml_collections.ConfigDict(arch)
+
+
+def parse_arg(arg: str | None, **defaults) -> dict:
+  """`"small,steps=100"` -> {'size': 'small', 'steps': '100'} over the defaults."""
+  out = dict(defaults)
+  for part in filter(None, (arg or "").split(",")):
+    key, _, value = part.partition("=")
+    if value:
+      out[key] = value
+    else:
+      out["size"] = key
+  return out
+
+
+def base_config(model: str, *, dataset: str, num_classes: int, image_size: int, **arch) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.model = ml_collections.ConfigDict({"name": model, "arch": arch_dict(model, image_size=image_size, **arch)})
+  c.data = ml_collections.ConfigDict(dict(
+      name=dataset, num_classes=num_classes, image_size=image_size, data_dir="", train_split="train",
+      test_split="test", augment="none", eval_policy="none", norm="cifar", workers=0, read_threads=2,
+      randaug_ops=2, randaug_magnitude=9, event_frames=0))
+  c.batch_size = 128
+  c.eval_batch_size = 256
+  c.total_steps = 1000
+  c.optimizer = ml_collections.ConfigDict(dict(
+      lr=1e-3, base_batch_size=256, weight_decay=0.01, b1=0.9, b2=0.999, warmup_steps=100, grad_clip=1.0,
+      min_lr_ratio=0.0))
+  # Progressive activation: alpha ramps ClipReLU -> ExpG-IF quantizer (SPEC §1).
+  c.alpha = ml_collections.ConfigDict(dict(kind="linear", ramp_end=0.8, power=1.0))
+  c.label_smoothing = 0.0
+  c.mixup = 0.0
+  c.cutmix = 0.0
+  c.mesh = ml_collections.ConfigDict(dict(fsdp=1))
+  c.distributed = ml_collections.ConfigDict(dict(
+      enabled=False, coordinator_address="", num_processes=0, process_id=-1))
+  c.init_from = ml_collections.ConfigDict(dict(checkpoint="", reset_head=True))
+  c.log_every = 50
+  c.eval_every = 0
+  c.checkpoint_every = 500
+  c.keep_checkpoints = 3
+  c.async_checkpoints = True
+  c.nonfinite = "stop"          # 'stop' (raise, keep the last good checkpoint) | 'skip' (drop the step)
+  c.debug_nan_at_step = -1      # fault injection for tests: the loss at this step becomes NaN
+  return c

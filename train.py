@@ -1,0 +1,40 @@
+"""Train Ge2mS-T.
+
+  python train.py                                   # built-in digits, ./workdirs/digits
+  python train.py --config configs/cifar10.py:small --workdir /ckpt/c10 --config.batch_size=256
+"""
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "digits.py")
+config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Training configuration file.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Work directory (checkpoints, metrics). Default: ./workdirs/<data set>.")
+flags.DEFINE_bool("quiet", False, "No progress output (metrics still go to the work directory).")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments {argv[1:]}: options are --config, --workdir, --config.KEY=VALUE.")
+  from ge2mst_jax import train_lib  # after flag parsing: JAX starts only for a valid command line
+
+  cfg = FLAGS.config
+  workdir = FLAGS.workdir or os.path.join("workdirs", cfg.data.name)
+  summary = train_lib.train_and_evaluate(cfg, workdir, quiet=FLAGS.quiet)
+  summary.pop("state"), summary.pop("setup")
+  print("\n== Ge2mS-T training summary ==")
+  print(f"work directory     : {summary['workdir']}")
+  print(f"steps              : {summary['step']}  (T={summary['T']}, K={summary['K']})")
+  print(f"test examples      : {int(summary['examples'])}")
+  print(f"accuracy (quantize): {summary['accuracy_quantize']:.4f}")
+  print(f"accuracy (spike)   : {summary['accuracy_spike']:.4f}")
+  print(f"prediction agreement spike vs quantize: {summary['prediction_agreement']:.4f} "
+        f"(max relative logit difference {summary['max_rel_logit_diff']:.2e})")
+
+
+if __name__ == "__main__":
+  logging.set_verbosity(logging.WARNING)
+  app.run(main)
