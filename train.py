@@ -10,10 +10,40 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "digits.py")
-config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Training configuration file.", lock_config=True)
+
+def _unknown_key_exit(err: Exception) -> None:
+  """One line for `--config.KEY=...` overrides naming keys the config does not have."""
+  lines = str(err).replace("\\n", "\n").strip("\"'").splitlines()
+  name = lines[0].strip("\"'\\")
+  hint = " " + lines[1].strip("\"'") if len(lines) > 1 else ""
+  bad = next((a.split("=", 1)[0] for a in sys.argv[1:] if a.startswith("--config.") and name in a), name)
+  sys.exit(f"{os.path.basename(sys.argv[0])}: unknown config key {bad.lstrip('-')!r}.{hint} See the config file "
+           f"for the valid keys (python -c \"from configs import digits; print(digits.get_config())\").")
+
+
+def _parse_flags(argv):
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    sys.exit(f"{os.path.basename(argv[0])}: {e}")
+  except (AttributeError, KeyError) as e:
+    _unknown_key_exit(e)
+
+
+try:  # config_flags applies --config.* overrides while defining the flag
+  config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Training configuration file.", lock_config=True)
+except (AttributeError, KeyError) as e:
+  _unknown_key_exit(e)
 flags.DEFINE_string("workdir", None, "Work directory (checkpoints, metrics). Default: ./workdirs/<data set>.")
 flags.DEFINE_bool("quiet", False, "No progress output (metrics still go to the work directory).")
 FLAGS = flags.FLAGS
+
+
+def load_config():
+  try:
+    return FLAGS.config
+  except (AttributeError, KeyError) as e:
+    _unknown_key_exit(e)
 
 
 def main(argv):
@@ -21,9 +51,12 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments {argv[1:]}: options are --config, --workdir, --config.KEY=VALUE.")
   from ge2mst_jax import train_lib  # after flag parsing: JAX starts only for a valid command line
 
-  cfg = FLAGS.config
+  cfg = load_config()
   workdir = FLAGS.workdir or os.path.join("workdirs", cfg.data.name)
-  summary = train_lib.train_and_evaluate(cfg, workdir, quiet=FLAGS.quiet)
+  try:
+    summary = train_lib.train_and_evaluate(cfg, workdir, quiet=FLAGS.quiet)
+  except (ValueError, train_lib.NonFiniteError, train_lib.ckpt_lib.CheckpointError) as e:
+    sys.exit(f"train.py: {e}")
   summary.pop("state"), summary.pop("setup")
   print("\n== Ge2mS-T training summary ==")
   print(f"work directory     : {summary['workdir']}")
@@ -37,4 +70,4 @@ def main(argv):
 
 if __name__ == "__main__":
   logging.set_verbosity(logging.WARNING)
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -1,0 +1,36 @@
+"""ImageNet-1k at 224x224 (tfds 'imagenet2012', ArrayRecord in data.data_dir), the paper's sizes.
+
+python train.py --config configs/imagenet2012.py:small --config.data.data_dir=/data/tfds --workdir=/ckpt/in1k_small
+
+Recipe (the group's published spiking-transformer recipe, SpikingResformer): AdamW,
+lr 1e-3 at batch 256 scaled linearly with the batch, weight decay 0.01, 5 warm-up epochs
+then cosine decay, label smoothing 0.1, mixup 0.8 / cutmix 1.0, RandAugment(2, 9),
+random-resized crops and flips; 300 epochs. Evaluation: resize + 87.5 % centre crop.
+"""
+from configs import common
+
+TRAIN_IMAGES = 1_281_167
+
+
+def get_config(arg=None):
+  a = common.parse_arg(arg, size="small", epochs="300", batch="256")
+  c = common.base_config(f"ge2mst_{a['size']}", dataset="imagenet2012", num_classes=1000, image_size=224)
+  c.data.train_split, c.data.test_split = "train", "validation"
+  c.data.augment, c.data.eval_policy, c.data.norm = "imagenet", "imagenet", "imagenet"
+  c.data.workers = 16
+  c.batch_size = int(a["batch"])
+  c.eval_batch_size = 250
+  steps_per_epoch = TRAIN_IMAGES // c.batch_size
+  c.total_steps = int(a["epochs"]) * steps_per_epoch
+  c.optimizer.lr = 1e-3            # at batch 256; scaled by batch_size / 256
+  c.optimizer.base_batch_size = 256
+  c.optimizer.weight_decay = 0.01
+  c.optimizer.warmup_steps = 5 * steps_per_epoch
+  c.label_smoothing = 0.1
+  c.mixup, c.cutmix = 0.8, 1.0
+  c.mesh.fsdp = 1                  # raise on pods to shard parameters and optimizer state
+  c.log_every = 100
+  c.checkpoint_every = 2000
+  c.eval_every = 10 * steps_per_epoch
+  c.model.arch.dtype = "bfloat16"
+  return c
