@@ -264,6 +264,15 @@ def alpha_schedule(progress, kind: str = "linear", ramp_end: float = 0.8, power:
 # ----------------------------------------------------------------------------
 # The NNX module
 # ----------------------------------------------------------------------------
+@jax.custom_vjp
+def scale_grad(x, scale):
+  """Identity in the forward pass; multiplies the gradient by `scale` (a constant)."""
+  return x
+
+
+scale_grad.defvjp(lambda x, scale: (x, scale), lambda scale, g: (g * scale, None))
+
+
 class SpikeStats(nnx.Intermediate):
   """Collection for spike counts sown during an instrumented spike-mode pass."""
 
@@ -292,6 +301,10 @@ class ExpGIF(nnx.Module):
   def __call__(self, x, *, mode: str = "quantize", alpha=1.0, collect: bool = False):
     lam = self.threshold().astype(x.dtype)
     if mode == "quantize":
+      # LSQ's step-size gradient scale 1/sqrt(features * levels): lam's gradient sums over
+      # every feature of the layer and would otherwise dwarf the weights' gradients.
+      features = max(x.size // max(x.shape[0], 1), 1)
+      lam = scale_grad(lam, jnp.asarray(1.0 / np.sqrt(features * expg_levels(self.T, self.K).Z), x.dtype))
       return progressive_activation(x, lam, alpha, self.T, self.K, self.symmetric, self.method)
     if mode == "spike":
       spikes, _ = expg_spikes(x, lam, self.T, self.K, self.symmetric, self.method)

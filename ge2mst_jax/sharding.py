@@ -29,7 +29,11 @@ def maybe_initialize_distributed(cfg) -> None:
     return
   if jax.distributed.is_initialized():
     return
-  kwargs = {k: dist[k] for k in ("coordinator_address", "num_processes", "process_id") if dist.get(k) is not None}
+  # Empty values mean "detect from the cluster environment" (TPU slices, SLURM, ...).
+  auto = {"coordinator_address": "", "num_processes": 0, "process_id": -1}
+  kwargs = {k: dist[k] for k, unset in auto.items() if dist.get(k) is not None and dist.get(k) != unset}
+  if dist.get("cpu", False) or jax.config.jax_platforms == "cpu":
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes talk over TCP
   jax.distributed.initialize(**kwargs)
 
 

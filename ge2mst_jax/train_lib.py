@@ -56,8 +56,14 @@ def make_optimizer(cfg) -> optax.GradientTransformation:
   # No weight decay on thresholds, BatchNorm and biases (1-D or scalar parameters).
   decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
   chain = [optax.clip_by_global_norm(o.grad_clip)] if o.grad_clip > 0 else []
-  chain.append(optax.adamw(learning_rate_schedule(cfg), b1=o.b1, b2=o.b2, weight_decay=o.weight_decay,
-                           mask=decay_mask))
+  if o.name == "adamw":
+    chain.append(optax.adamw(learning_rate_schedule(cfg), b1=o.b1, b2=o.b2, eps=o.eps,
+                             weight_decay=o.weight_decay, mask=decay_mask))
+  elif o.name == "sgd":  # momentum SGD with decoupled weight decay
+    chain += [optax.add_decayed_weights(o.weight_decay, mask=decay_mask),
+              optax.sgd(learning_rate_schedule(cfg), momentum=o.b1, nesterov=True)]
+  else:
+    raise ValueError(f"optimizer.name={o.name!r}: use 'adamw' or 'sgd'.")
   return optax.chain(*chain)
 
 
@@ -132,7 +138,7 @@ def make_train_step(cfg, setup: TrainSetup):
       return jnp.where(step == inject_step, jnp.nan, loss), logits
 
     (loss, logits), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     old = jax.tree.map(lambda x: x, nnx.state((model, opt)))  # a copy: update() mutates in place
     opt.update(model, grads)
