@@ -187,10 +187,18 @@ def make_eval_step(cfg, setup: TrainSetup, modes=("quantize", "spike")):
   return jax.jit(eval_step, in_shardings=(setup.shardings, None))
 
 
-def evaluate(cfg, setup: TrainSetup, state, eval_step=None, modes=("quantize", "spike")) -> dict[str, float]:
+def evaluate(cfg, setup: TrainSetup, state, eval_step=None, modes=("quantize", "spike"),
+             progress: bool = False) -> dict[str, float]:
   eval_step = eval_step or make_eval_step(cfg, setup, modes)
   sums: dict[str, float] = {}
-  for local in data_lib.eval_batches(cfg.data, cfg.eval_batch_size):
+  batches = data_lib.eval_batches(cfg.data, cfg.eval_batch_size)
+  if progress and jax.process_index() == 0:
+    import sys
+
+    from tqdm import tqdm
+    total = -(-data_lib.num_examples(cfg.data, "test") // cfg.eval_batch_size)
+    batches = tqdm(batches, total=total, desc="eval", unit="batch", disable=not sys.stderr.isatty())
+  for local in batches:
     out = jax.device_get(eval_step(state, shd.global_batch(local, setup.mesh)))
     for k, v in out.items():
       sums[k] = max(sums.get(k, 0.0), float(v)) if k == "max_rel_logit_diff" else sums.get(k, 0.0) + float(v)
@@ -234,6 +242,9 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, quiet: bool
   mesh = shd.make_mesh(cfg.mesh.fsdp)
   validate_config(cfg, mesh)
   os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    from ge2mst_jax.export import save_config
+    save_config(cfg, workdir)
   setup = create_train_state(cfg, mesh)
   train_iter = iter(data_lib.train_dataset(cfg.data, cfg.batch_size, cfg.seed))
   ckpts = ckpt_lib.Checkpoints(os.path.join(workdir, "checkpoints"), cfg.keep_checkpoints,

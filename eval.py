@@ -1,0 +1,61 @@
+"""Evaluate a Ge2mS-T checkpoint as a quantized and as a spiking network, with an energy report.
+
+  python eval.py --workdir workdirs/digits                     # newest checkpoint, config from the workdir
+  python eval.py --workdir DIR --checkpoint DIR/checkpoints/best --sweep_T=2,4,8 --sweep_K=1,2
+Writes DIR/eval/report.json, report.md, sops.png and firing_rates.png.
+"""
+import json
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", None, "Config file (default: the work directory's config.json).",
+                                lock_config=False)
+flags.DEFINE_string("workdir", None, "Work directory written by train.py.")
+flags.DEFINE_string("checkpoint", None, "A checkpoint directory (default: WORKDIR/checkpoints, newest step).")
+flags.DEFINE_integer("step", None, "Evaluate this step instead of the newest.")
+flags.DEFINE_list("sweep_T", [], "Also evaluate at these T (same weights), e.g. 2,4,8.")
+flags.DEFINE_list("sweep_K", [], "Also evaluate at these K (with each T of the sweep).")
+flags.DEFINE_integer("energy_images", 64, "Test images whose spikes are counted for SOPs and energy.")
+flags.DEFINE_string("out", None, "Report directory (default: WORKDIR/eval).")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  del argv
+  from ge2mst_jax import checkpoint as ckpt_lib
+  from ge2mst_jax import evaluation
+  from ge2mst_jax.export import CONFIG_FILE, _config_from_json
+
+  if not FLAGS.workdir and not FLAGS.checkpoint:
+    sys.exit("eval.py: pass --workdir (a train.py work directory) or --checkpoint.")
+  workdir = FLAGS.workdir or os.path.dirname(os.path.abspath(FLAGS.checkpoint.rstrip("/")))
+  cfg = FLAGS.config
+  if cfg is None:
+    path = os.path.join(workdir, CONFIG_FILE)
+    if not os.path.exists(path):
+      sys.exit(f"eval.py: no {path}; pass --config configs/NAME.py for this checkpoint.")
+    with open(path) as f:
+      cfg = _config_from_json(f.read())
+  ckpt_dir = FLAGS.checkpoint or os.path.join(workdir, "checkpoints")
+  out = FLAGS.out or os.path.join(workdir, "eval")
+  try:
+    rep = evaluation.evaluate_checkpoint(cfg, ckpt_dir, FLAGS.step, FLAGS.energy_images)
+    sweep = []
+    Ts = [int(t) for t in FLAGS.sweep_T] or ([rep["T"]] if FLAGS.sweep_K else [])
+    for T in Ts:
+      for K in [int(k) for k in FLAGS.sweep_K] or [min(rep["K"], T)]:
+        if K <= T:
+          sweep.append(evaluation.evaluate_checkpoint(cfg, ckpt_dir, rep["step"], FLAGS.energy_images, T=T, K=K))
+  except (ckpt_lib.CheckpointError, ValueError) as e:
+    sys.exit(f"eval.py: {e}")
+  files = evaluation.write_report(rep, out, sweep)
+  print(evaluation.markdown_report(rep, sweep).split("## SOPs per stage")[0])
+  print(f"report: {files['md']}  json: {files['json']}  plots: {', '.join(files['plots'])}")
+
+
+if __name__ == "__main__":
+  logging.set_verbosity(logging.WARNING)
+  app.run(main)
