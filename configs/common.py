@@ -51,6 +51,7 @@ def base_config(model: str, *, dataset: str, num_classes: int, image_size: int, 
   c.init_from = ml_collections.ConfigDict(dict(checkpoint="", reset_head=True))
   c.log_every = 50
   c.eval_every = 0
+  c.eval_modes = ("quantize", "spike")
   c.checkpoint_every = 500
   c.keep_checkpoints = 3
   c.async_checkpoints = True

@@ -177,7 +177,7 @@ def make_eval_step(cfg, setup: TrainSetup, modes=("quantize", "spike")):
       if lg.shape[-1] > 10:
         top5 = jnp.any(jax.lax.top_k(lg, 5)[1] == batch["label"][:, None], axis=-1)
         out[f"correct5_{mode}"] = jnp.sum(top5 & mask)
-    if len(modes) == 2:
+    if set(modes) == {"quantize", "spike"}:
       q, s = logits["quantize"], logits["spike"]
       out["agree"] = jnp.sum((jnp.argmax(q, -1) == jnp.argmax(s, -1)) & mask)
       rel = jnp.max(jnp.abs(q - s), -1) / jnp.maximum(jnp.max(jnp.abs(q), -1), 1e-12)
@@ -248,7 +248,8 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, quiet: bool
   setup = create_train_state(cfg, mesh)
   train_iter = iter(data_lib.train_dataset(cfg.data, cfg.batch_size, cfg.seed))
   ckpts = ckpt_lib.Checkpoints(os.path.join(workdir, "checkpoints"), cfg.keep_checkpoints,
-                               async_save=cfg.async_checkpoints, best_metric="accuracy_spike")
+                               async_save=cfg.async_checkpoints,
+                               best_metric="accuracy_spike" if "spike" in cfg.eval_modes else "accuracy_quantize")
   state = setup.state
   target = ckpt_lib.abstract_pure(setup.abstract, setup.shardings)
   start, restored = ckpts.restore(target, train_iter)
@@ -259,7 +260,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, quiet: bool
     from ge2mst_jax.finetune import load_pretrained  # fine-tuning start (eval/export issue)
     state = load_pretrained(cfg, setup, state)
   train_step = make_train_step(cfg, setup)
-  eval_step = make_eval_step(cfg, setup)
+  eval_step = make_eval_step(cfg, setup, tuple(cfg.eval_modes))
   writer = MetricWriter(workdir, cfg.total_steps, start, quiet)
   if start:
     writer.log(f"Resumed from {ckpts.step_path(start)} at step {start}.")
@@ -286,12 +287,12 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, quiet: bool
       if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step != cfg.total_steps:
         ckpts.save(step, state, train_iter)
       if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.total_steps:
-        res = evaluate(cfg, setup, state, eval_step)
+        res = evaluate(cfg, setup, state, eval_step, tuple(cfg.eval_modes))
         writer.write(step, res, "eval")
         ckpts.save_best(step, state, res)
     if start < cfg.total_steps:
       ckpts.save(cfg.total_steps, state, train_iter, force=True)
-    final = evaluate(cfg, setup, state, eval_step)
+    final = evaluate(cfg, setup, state, eval_step, tuple(cfg.eval_modes))
     writer.write(cfg.total_steps, final, "eval")
     ckpts.save_best(cfg.total_steps, state, final)
     ckpts.wait()
