@@ -3,3 +3,5 @@ from ge2mst_jax.neurons import (ExpGIF, SpikeTrain, alpha_schedule, expg_levels,
                                 expg_spikes, progressive_activation)
 
 __version__ = "0.1.0"
+from ge2mst_jax.export import export, load
+from ge2mst_jax.models import create_model

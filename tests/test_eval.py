@@ -1,0 +1,90 @@
+"""eval.py's library, load/export and fine-tuning, on a checkpoint from a short digits run."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ge2mst_jax
+from ge2mst_jax import checkpoint as ckpt_lib
+from ge2mst_jax import energy, evaluation, train_lib
+from tests.test_train import ROOT, small_digits
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("digits"))
+  cfg = small_digits(30, **{"optimizer.lr": 0.4, "checkpoint_every": 15})
+  out = train_lib.train_and_evaluate(cfg, workdir, quiet=True)
+  return cfg, workdir, out
+
+
+def test_report_has_every_key_and_matches_training(trained, tmp_path):
+  cfg, workdir, out = trained
+  rep = evaluation.evaluate_checkpoint(cfg, os.path.join(workdir, "checkpoints"), energy_images=16)
+  sweep = [evaluation.evaluate_checkpoint(cfg, os.path.join(workdir, "checkpoints"), energy_images=16, T=2, K=1)]
+  files = evaluation.write_report(rep, str(tmp_path), sweep)
+  with open(files["json"]) as f:
+    js = json.load(f)
+  for key in ("accuracy_quantize", "accuracy_spike", "prediction_agreement", "max_rel_logit_diff", "sops_per_image",
+              "energy_mj_per_image", "firing_rates", "params", "T", "K", "sops_per_stage", "sops_per_block",
+              "sops_per_layer", "stem_macs_per_image", "sweep"):
+    assert key in js, key
+  assert js["T"] == 4 and js["K"] == 2 and js["step"] == 30
+  # evaluated at the training T, the checkpoint reproduces its training-time accuracy
+  assert js["accuracy_quantize"] == out["accuracy_quantize"] and js["accuracy_spike"] == out["accuracy_spike"]
+  assert js["accuracy_spike"] == js["accuracy_quantize"] and js["prediction_agreement"] >= 0.99
+  assert js["energy_mj_per_image"] == pytest.approx(0.9e-9 * js["sops_per_image"])
+  assert 0 < js["mean_firing_rate"] < 1 and js["params"] > 0
+  assert js["sweep"][0]["T"] == 2 and js["sweep"][0]["K"] == 1
+  for plot in files["plots"]:
+    with open(plot, "rb") as f:
+      assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  assert "accuracy, spike mode" in open(files["md"]).read()
+
+
+def test_load_export_round_trip_gives_identical_logits(trained, tmp_path):
+  cfg, workdir, _ = trained
+  model, loaded_cfg = ge2mst_jax.load(workdir)
+  assert loaded_cfg.model.name == cfg.model.name
+  x = jax.random.normal(jax.random.key(0), (4, 16, 16, 3))
+  path = ge2mst_jax.export(workdir, str(tmp_path / "digits.safetensors"))
+  model2, _ = ge2mst_jax.load(path)
+  for mode in ("quantize", "spike"):
+    np.testing.assert_array_equal(model(x, mode=mode), model2(x, mode=mode))
+
+
+def test_damaged_and_missing_checkpoints_are_clear_errors(trained, tmp_path):
+  _, workdir, _ = trained
+  with pytest.raises(ckpt_lib.CheckpointError, match="Nothing to load at .*nowhere"):
+    ge2mst_jax.load(str(tmp_path / "nowhere"))
+  bad = tmp_path / "bad.safetensors"
+  bad.write_bytes(b"not a safetensors file")
+  with pytest.raises(ckpt_lib.CheckpointError, match="bad.safetensors is not a readable"):
+    ge2mst_jax.load(str(bad))
+  broken = tmp_path / "broken"
+  shutil.copytree(workdir, broken)
+  for root, _, files in os.walk(broken / "checkpoints" / "30" / "state"):
+    for name in files:
+      if not name.endswith(".json"):
+        with open(os.path.join(root, name), "r+b") as f:
+          f.truncate(max(os.path.getsize(os.path.join(root, name)) // 3, 1))
+  r = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), "--workdir", str(broken), "--step", "30"],
+                     capture_output=True, text=True, cwd=ROOT, timeout=300)
+  assert r.returncode != 0
+  assert "checkpoints/30" in r.stderr and "damaged" in r.stderr
+
+
+def test_finetune_start_reports_the_replaced_head(trained, tmp_path, capsys):
+  _, workdir, _ = trained
+  cfg = small_digits(1, **{"init_from.checkpoint": workdir})
+  cfg.eval_modes = ("quantize",)
+  train_lib.train_and_evaluate(cfg, str(tmp_path), quiet=True)
+  msg = capsys.readouterr().out
+  assert "Fine-tuning from" in msg and "classifier/kernel" in msg and "classifier/bias" in msg
+  assert "loaded" in msg and "stem" not in msg.split("kept fresh")[1]
