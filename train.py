@@ -55,7 +55,10 @@ def main(argv):
   workdir = FLAGS.workdir or os.path.join("workdirs", cfg.data.name)
   try:
     summary = train_lib.train_and_evaluate(cfg, workdir, quiet=FLAGS.quiet)
-  except (ValueError, train_lib.NonFiniteError, train_lib.ckpt_lib.CheckpointError) as e:
+  except train_lib.Preempted as e:
+    print(f"train.py: {e}", flush=True)
+    sys.exit(0)
+  except (ValueError, RuntimeError, train_lib.NonFiniteError, train_lib.ckpt_lib.CheckpointError) as e:
     sys.exit(f"train.py: {e}")
   summary.pop("state"), summary.pop("setup")
   print("\n== Ge2mS-T training summary ==")

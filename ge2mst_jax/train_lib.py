@@ -31,6 +31,81 @@ class NonFiniteError(FloatingPointError):
   """Training produced a non-finite loss or gradient."""
 
 
+class Preempted(Exception):
+  """SIGTERM/SIGINT arrived; a checkpoint of the current step was saved."""
+
+
+class WorkdirLock:
+  """An exclusive lock file so that two runs cannot write one work directory at once."""
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, ".lock")
+    self.held = False
+
+  def __enter__(self):
+    import socket
+    me = f"{socket.gethostname()} {os.getpid()}"
+    for _ in range(2):
+      try:
+        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+      except FileExistsError:
+        try:
+          with open(self.path) as f:
+            host, pid = f.read().split()
+        except (OSError, ValueError):
+          host, pid = "", "0"
+        if host == socket.gethostname() and not _pid_alive(int(pid)):
+          os.remove(self.path)  # a stale lock of a run that died
+          continue
+        raise RuntimeError(f"Work directory {os.path.dirname(self.path)} is in use by process {pid} on {host} "
+                           f"(lock file {self.path}): wait for it, pass another --workdir, or delete the lock "
+                           f"file if that run is gone.") from None
+      with os.fdopen(fd, "w") as f:
+        f.write(me)
+      self.held = True
+      return self
+    raise RuntimeError(f"Could not take the lock {self.path}.")
+
+  def __exit__(self, *exc):
+    if self.held and os.path.exists(self.path):
+      os.remove(self.path)
+
+
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+class _SignalFlag:
+  """Turns SIGTERM/SIGINT into a flag the loop checks between steps (main thread only)."""
+
+  def __init__(self):
+    self.signum = None
+    self._old = {}
+
+  def __enter__(self):
+    import signal
+    import threading
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._old[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    self.signum = signum
+
+  def __exit__(self, *exc):
+    import signal
+    for sig, handler in self._old.items():
+      signal.signal(sig, handler)
+
+
 # ----------------------------------------------------------------------------
 # Model, optimizer, state
 # ----------------------------------------------------------------------------
@@ -135,7 +210,7 @@ def make_train_step(cfg, setup: TrainSetup):
     def loss_fn(model):
       logits = model(images, mode="quantize", alpha=alpha)
       loss = optax.softmax_cross_entropy(logits, labels).mean()
-      return jnp.where(step == inject_step, jnp.nan, loss), logits
+      return jnp.where(step + 1 == inject_step, jnp.nan, loss), logits  # loop steps count from 1
 
     (loss, logits), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
     grad_norm = optax.tree.norm(grads)
@@ -242,9 +317,15 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, quiet: bool
   mesh = shd.make_mesh(cfg.mesh.fsdp)
   validate_config(cfg, mesh)
   os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:
+  if jax.process_index() != 0:
+    return _train(cfg, workdir, mesh, quiet)
+  with WorkdirLock(workdir):
     from ge2mst_jax.export import save_config
     save_config(cfg, workdir)
+    return _train(cfg, workdir, mesh, quiet)
+
+
+def _train(cfg, workdir: str, mesh, quiet: bool) -> dict[str, Any]:
   setup = create_train_state(cfg, mesh)
   train_iter = iter(data_lib.train_dataset(cfg.data, cfg.batch_size, cfg.seed))
   ckpts = ckpt_lib.Checkpoints(os.path.join(workdir, "checkpoints"), cfg.keep_checkpoints,
@@ -266,12 +347,15 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, quiet: bool
     writer.log(f"Resumed from {ckpts.step_path(start)} at step {start}.")
   t0, seen, last_log = time.time(), 0, start
   step = start
+  signals = _SignalFlag()
   try:
+    signals.__enter__()
     for step in range(start + 1, cfg.total_steps + 1):
       batch = shd.global_batch(next(train_iter), mesh)
       state, metrics = train_step(state, batch)
       seen += cfg.batch_size
-      if step % cfg.log_every == 0 or step == cfg.total_steps:
+      saving = bool(cfg.checkpoint_every) and step % cfg.checkpoint_every == 0 and step != cfg.total_steps
+      if step % cfg.log_every == 0 or step == cfg.total_steps or saving or signals.signum:
         m = jax.device_get(metrics)
         if not m["finite"] and cfg.nonfinite == "stop":
           raise NonFiniteError(
@@ -284,8 +368,14 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, quiet: bool
         writer.write(step, m)
         writer.advance(step - last_log)
         last_log, seen, t0 = step, 0, time.time()
-      if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step != cfg.total_steps:
+      if saving:
         ckpts.save(step, state, train_iter)
+      if signals.signum is not None:
+        if not saving:
+          ckpts.save(step, state, train_iter, force=True)
+        ckpts.wait()
+        raise Preempted(f"Stopped by signal {signals.signum} at step {step}; saved {ckpts.step_path(step)}. "
+                        f"Run the same command to resume.")
       if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.total_steps:
         res = evaluate(cfg, setup, state, eval_step, tuple(cfg.eval_modes))
         writer.write(step, res, "eval")
@@ -297,7 +387,8 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, quiet: bool
     ckpts.save_best(cfg.total_steps, state, final)
     ckpts.wait()
   finally:
-    ckpts.close()
+    signals.__exit__()
+    ckpts.close()  # waits for any save in flight
     writer.close()
   summary = {"step": cfg.total_steps, "workdir": os.path.abspath(workdir), **final,
              "T": arch_from_config(cfg).T, "K": arch_from_config(cfg).K}
