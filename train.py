@@ -65,10 +65,12 @@ def main(argv):
   print(f"work directory     : {summary['workdir']}")
   print(f"steps              : {summary['step']}  (T={summary['T']}, K={summary['K']})")
   print(f"test examples      : {int(summary['examples'])}")
-  print(f"accuracy (quantize): {summary['accuracy_quantize']:.4f}")
-  print(f"accuracy (spike)   : {summary['accuracy_spike']:.4f}")
-  print(f"prediction agreement spike vs quantize: {summary['prediction_agreement']:.4f} "
-        f"(max relative logit difference {summary['max_rel_logit_diff']:.2e})")
+  for mode in ("quantize", "spike"):
+    if f"accuracy_{mode}" in summary:
+      print(f"accuracy ({mode}){' ' * (8 - len(mode))}: {summary[f'accuracy_{mode}']:.4f}")
+  if "prediction_agreement" in summary:
+    print(f"prediction agreement spike vs quantize: {summary['prediction_agreement']:.4f} "
+          f"(max relative logit difference {summary['max_rel_logit_diff']:.2e})")
 
 
 if __name__ == "__main__":

@@ -56,7 +56,8 @@ def test_a_second_run_on_the_same_workdir_is_refused(tmp_path):
   with pytest.raises(RuntimeError, match=r"is in use by process \d+ .*wait for it, pass another --workdir"):
     train_lib.train_and_evaluate(small_digits(2), str(tmp_path), quiet=True)
   (tmp_path / ".lock").write_text(f"{os.uname().nodename} 999999999")       # a dead process: stale, taken over
-  train_lib.train_and_evaluate(small_digits(1, eval_modes=("quantize",)), str(tmp_path), quiet=True)
+  with train_lib.WorkdirLock(str(tmp_path)):
+    assert (tmp_path / ".lock").read_text().split()[1] == str(os.getpid())
   assert not (tmp_path / ".lock").exists()
 
 
@@ -69,3 +70,4 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
   out = train_lib.train_and_evaluate(cfg, str(tmp_path / "skip"), quiet=True)
   finite = [r for r in map(json.loads, open(tmp_path / "skip" / "metrics.jsonl")) if r["kind"] == "train"]
   assert [r["finite"] for r in finite] == [1, 1, 1, 1, 0, 1, 1, 1] and out["accuracy_quantize"] >= 0
+
