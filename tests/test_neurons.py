@@ -53,7 +53,7 @@ def test_level_counts_and_patterns(T, K):
 @pytest.mark.parametrize("T,K", TK)
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_spikes_decode_bitwise_to_quantizer(T, K, symmetric):
-  for seed, lam in enumerate([1.0, 0.37, 3.7, 1e-3, 123.25]):
+  for seed, lam in enumerate([0.37, 1e-3, 123.25]):
     x = _probe_inputs(lam, T, K, seed=seed)
     q = quantize(x, lam, T, K, symmetric)
     spikes, thetas = emit(x, lam, T, K, symmetric)
@@ -77,7 +77,7 @@ def test_spikes_decode_bitwise_to_quantizer(T, K, symmetric):
     assert np.all(np.abs(u - chosen) <= best + 1e-5)
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(T=st.integers(1, 8), data=st.data(), lam=st.floats(1e-3, 1e3),
        xs=st.lists(st.floats(-1e4, 1e4, width=32), min_size=1, max_size=64), symmetric=st.booleans())
 def test_lossless_property(T, data, lam, xs, symmetric):
