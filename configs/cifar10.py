@@ -6,13 +6,16 @@ checkpoint: --config configs/cifar10.py:small,finetune=/ckpt/imagenet_small
 """
 from configs import common
 
-DATASET, CLASSES = "cifar10", 10
-
 
 def get_config(arg=None):
+  return make_config(arg, "cifar10", 10)
+
+
+def make_config(arg, dataset: str, num_classes: int):
+  """The CIFAR recipe; cifar100.py uses it with its own data set."""
   a = common.parse_arg(arg, size="small", finetune="")
   model = "ge2mst_tiny" if a["size"] == "tiny" else f"ge2mst_{a['size']}_cifar"
-  c = common.base_config(model, dataset=DATASET, num_classes=CLASSES, image_size=32)
+  c = common.base_config(model, dataset=dataset, num_classes=num_classes, image_size=32)
   c.data.augment = "cifar"        # reflect-pad 4 + random crop + horizontal flip
   c.data.norm = "cifar"
   c.batch_size = 128

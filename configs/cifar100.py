@@ -1,29 +1,10 @@
-"""CIFAR-100 at 32x32 (tfds 'cifar100', ArrayRecord in data.data_dir).
+"""CIFAR-100 at 32x32 (tfds 'cifar100', ArrayRecord in data.data_dir): the CIFAR-10 recipe.
 
 python train.py --config configs/cifar100.py:small --config.data.data_dir=/data/tfds
-Args: size (tiny|small|base|large, default small); 'finetune' to start from an ImageNet
-checkpoint: --config configs/cifar100.py:small,finetune=/ckpt/imagenet_small
+Args: size (tiny|small|base|large, default small); finetune=/ckpt/imagenet_small to start from ImageNet.
 """
-from configs import common
-
-DATASET, CLASSES = "cifar100", 100
+from configs import cifar10
 
 
 def get_config(arg=None):
-  a = common.parse_arg(arg, size="small", finetune="")
-  model = "ge2mst_tiny" if a["size"] == "tiny" else f"ge2mst_{a['size']}_cifar"
-  c = common.base_config(model, dataset=DATASET, num_classes=CLASSES, image_size=32)
-  c.data.augment = "cifar"        # reflect-pad 4 + random crop + horizontal flip
-  c.data.norm = "cifar"
-  c.batch_size = 128
-  c.total_steps = 300 * 50000 // 128   # 300 epochs from scratch
-  c.optimizer.lr = 1e-3
-  c.optimizer.warmup_steps = 5 * 50000 // 128
-  c.label_smoothing = 0.1
-  c.checkpoint_every = 2000
-  c.eval_every = 5000
-  if a["finetune"]:
-    c.init_from.checkpoint = a["finetune"]
-    c.total_steps = 100 * 50000 // 128
-    c.optimizer.lr = 2e-4
-  return c
+  return cifar10.make_config(arg, "cifar100", 100)
