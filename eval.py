@@ -4,7 +4,6 @@
   python eval.py --workdir DIR --checkpoint DIR/checkpoints/best --sweep_T=2,4,8 --sweep_K=1,2
 Writes DIR/eval/report.json, report.md, sops.png and firing_rates.png.
 """
-import json
 import os
 import sys
 
@@ -27,18 +26,17 @@ def main(argv):
   del argv
   from ge2mst_jax import checkpoint as ckpt_lib
   from ge2mst_jax import evaluation
-  from ge2mst_jax.export import CONFIG_FILE, _config_from_json
+  from ge2mst_jax.export import read_config
 
   if not FLAGS.workdir and not FLAGS.checkpoint:
     sys.exit("eval.py: pass --workdir (a train.py work directory) or --checkpoint.")
   workdir = FLAGS.workdir or os.path.dirname(os.path.abspath(FLAGS.checkpoint.rstrip("/")))
   cfg = FLAGS.config
   if cfg is None:
-    path = os.path.join(workdir, CONFIG_FILE)
-    if not os.path.exists(path):
-      sys.exit(f"eval.py: no {path}; pass --config configs/NAME.py for this checkpoint.")
-    with open(path) as f:
-      cfg = _config_from_json(f.read())
+    try:
+      cfg = read_config(workdir)
+    except ckpt_lib.CheckpointError as e:
+      sys.exit(f"eval.py: {e} Pass --config configs/NAME.py for this checkpoint.")
   ckpt_dir = FLAGS.checkpoint or os.path.join(workdir, "checkpoints")
   out = FLAGS.out or os.path.join(workdir, "eval")
   try:

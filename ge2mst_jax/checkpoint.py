@@ -113,15 +113,40 @@ def _check_shapes(restored, target, path) -> None:
                           f"for {bad[:3]})")
 
 
-def restore_state_only(directory: str, target_pure: dict, step: int | None = None):
-  """Restores just the train state from a work directory's checkpoints (eval, export, fine-tuning)."""
+def restore_state_only(directory: str, target_pure: dict, step: int | None = None, fallback: bool = True):
+  """Restores just the train state from a checkpoint directory (eval, export, fine-tuning).
+
+  `fallback=False` restores exactly the newest (or `step`) checkpoint and fails on damage
+  instead of quietly using an older one.
+  """
   if not os.path.isdir(directory):
     raise CheckpointError(f"No checkpoint directory at {directory}: pass a work directory written by train.py.")
   ckpt = Checkpoints(directory, async_save=False)
   try:
+    if step is None and not fallback:
+      step = (ckpt.steps() or [None])[-1]
+      if step is None:
+        raise CheckpointError(f"No checkpoint in {directory}: train first, or point to the right work directory.")
     step, state = ckpt.restore(target_pure, None, step)
   finally:
     ckpt.close()
   if step is None:
     raise CheckpointError(f"No checkpoint in {directory}: train first, or point to the right work directory.")
   return step, state
+
+
+def restore_as_saved(path: str):
+  """`(step, pure_state)` of the newest checkpoint under `path` (a work directory or its
+  checkpoints directory), read with the shapes it was saved with: for loading into a model
+  whose shapes differ (fine-tuning with a new head)."""
+  for d in (path.rstrip("/"), os.path.join(path.rstrip("/"), "checkpoints")):
+    if not os.path.isdir(d):
+      continue
+    mngr = ocp.CheckpointManager(d, item_names=("state", "data"), options=ocp.CheckpointManagerOptions(read_only=True))
+    try:
+      step = mngr.latest_step()
+      if step is not None:
+        return step, mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    finally:
+      mngr.close()
+  raise CheckpointError(f"{path!r} holds no checkpoint written by train.py.")

@@ -9,12 +9,12 @@ import jax
 import numpy as np
 from flax import nnx
 
-from ge2mst_jax import checkpoint as ckpt_lib
 from ge2mst_jax import data as data_lib
 from ge2mst_jax import energy
 from ge2mst_jax import models
 from ge2mst_jax import sharding as shd
 from ge2mst_jax import train_lib
+from ge2mst_jax.attention import SpikingAttention
 
 
 def _with_arch(cfg, **arch):
@@ -29,20 +29,8 @@ def _with_arch(cfg, **arch):
 def restore_for_eval(cfg, checkpoint_dir: str, step: int | None = None):
   """(setup, state, step) with the checkpoint restored onto this machine's mesh; damage is an error."""
   mesh = shd.make_mesh(cfg.mesh.fsdp if jax.device_count() % max(cfg.mesh.fsdp, 1) == 0 else 1)
-  setup = train_lib.create_train_state(cfg, mesh)
-  if not os.path.isdir(checkpoint_dir):
-    raise ckpt_lib.CheckpointError(f"No checkpoint directory at {checkpoint_dir}.")
-  ckpts = ckpt_lib.Checkpoints(checkpoint_dir, async_save=False)
-  try:
-    steps = ckpts.steps()
-    if not steps:
-      raise ckpt_lib.CheckpointError(f"No checkpoint in {checkpoint_dir}: train first or pass the right path.")
-    step = steps[-1] if step is None else step
-    found, pure = ckpts.restore(ckpt_lib.abstract_pure(setup.abstract, setup.shardings), None, step)
-  finally:
-    ckpts.close()
-  nnx.replace_by_pure_dict(setup.state, pure)
-  return setup, setup.state, found
+  setup, step = train_lib.restore_train_state(cfg, checkpoint_dir, mesh, step, fallback=False)
+  return setup, setup.state, step
 
 
 def _energy_batch(cfg, n: int) -> np.ndarray:
@@ -60,10 +48,8 @@ def ungrouped_bound(rep: dict, model) -> dict[str, float]:
   A token in an s x s grouping attends to 1/s^2 of the tokens; ungrouped, each product
   sums over s^2 times as many partners, so the bound is the grouped count times s^2.
   """
-  strides = {}
-  for path, m in nnx.iter_graph(model):
-    if hasattr(m, "parts") and hasattr(m, "stride"):
-      strides[".".join(map(str, path))] = m.stride or 1
+  strides = {".".join(map(str, path)): m.stride or 1 for path, m in nnx.iter_graph(model)
+             if isinstance(m, SpikingAttention)}
   out = {}
   for name, v in rep["sops_per_layer"].items():
     base, _, kind = name.rpartition(".")

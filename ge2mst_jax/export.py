@@ -31,6 +31,15 @@ def _config_from_json(text: str) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(json.loads(text))
 
 
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a train.py run saved in its work directory."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    raise ckpt_lib.CheckpointError(f"{workdir} has no {CONFIG_FILE}: it is not a work directory written by train.py.")
+  with open(path) as f:
+    return _config_from_json(f.read())
+
+
 def _flatten(tree: dict, prefix: str = "") -> dict[str, np.ndarray]:
   out = {}
   for k, v in tree.items():
@@ -54,15 +63,9 @@ def _model_from_workdir(workdir: str, step: int | None = None):
   from ge2mst_jax import sharding as shd
   from ge2mst_jax import train_lib
 
-  cfg_path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(cfg_path):
-    raise ckpt_lib.CheckpointError(f"{workdir} has no {CONFIG_FILE}: it is not a work directory written by train.py.")
-  with open(cfg_path) as f:
-    cfg = _config_from_json(f.read())
-  setup = train_lib.create_train_state(cfg, shd.make_mesh(1, jax.devices()[:1]))
-  target = ckpt_lib.abstract_pure(setup.abstract, setup.shardings)
-  step, pure = ckpt_lib.restore_state_only(os.path.join(workdir, "checkpoints"), target, step)
-  nnx.replace_by_pure_dict(setup.state, pure)
+  cfg = read_config(workdir)
+  setup, step = train_lib.restore_train_state(cfg, os.path.join(workdir, "checkpoints"),
+                                              shd.make_mesh(1, jax.devices()[:1]), step)
   model, _ = nnx.merge(setup.graphdef, setup.state)
   model.eval()
   return model, cfg, step

@@ -20,7 +20,7 @@ from flax import nnx
 
 from ge2mst_jax.attention import AttentionBlock, check_divisible
 from ge2mst_jax.blocks import SFFN, EventFrameAdapter, SConv, Stem, SynapticConv
-from ge2mst_jax.neurons import ExpGIF, SpikeTrain, check_tk
+from ge2mst_jax.neurons import ExpGIF, check_tk
 
 MODES = ("quantize", "spike")
 
@@ -150,16 +150,12 @@ class Ge2msT(nnx.Module):
     if not jnp.issubdtype(images.dtype, jnp.floating):
       raise ValueError(f"Images have dtype {images.dtype}; pass floating-point images (normalise uint8 first).")
     H, W = images.shape[-3:-1]
-    if H != W or H != cfg.image_size:
-      sizes = dataclasses.replace(cfg, image_size=H).stage_sizes() if H == W else None
-      try:
-        if sizes is None:
-          raise ValueError("non-square input")
-        for size, s in zip(sizes[1:3], cfg.gw_strides):
-          check_divisible(size, size, s)
-      except ValueError:
+    if (H, W) != (cfg.image_size, cfg.image_size):
+      # Another square size works as long as the GW-SSA strides still divide the token maps.
+      sizes = dataclasses.replace(cfg, image_size=H).stage_sizes()
+      if H != W or any(size % s for size, s in zip(sizes[1:3], cfg.gw_strides)):
         raise ValueError(f"Images are {H}x{W} but the model is built for {cfg.image_size}x{cfg.image_size} "
-                         f"(GW-SSA strides {cfg.gw_strides}): resize the images or set image_size.") from None
+                         f"(GW-SSA strides {cfg.gw_strides}): resize the images or set image_size.")
 
   def __call__(self, images, *, mode: str = "quantize", alpha=1.0, collect: bool = False):
     if mode not in MODES:

@@ -15,7 +15,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from flax import nnx
 
@@ -165,6 +164,16 @@ def create_train_state(cfg, mesh) -> TrainSetup:
   return TrainSetup(graphdef, state, shardings, abstract, mesh)
 
 
+def restore_train_state(cfg, checkpoint_dir: str, mesh, step: int | None = None,
+                        fallback: bool = True) -> tuple[TrainSetup, int]:
+  """A train state for `cfg` on `mesh`, filled from `checkpoint_dir` (any mesh may have written it)."""
+  setup = create_train_state(cfg, mesh)
+  step, pure = ckpt_lib.restore_state_only(checkpoint_dir, ckpt_lib.abstract_pure(setup.abstract, setup.shardings),
+                                           step, fallback)
+  nnx.replace_by_pure_dict(setup.state, pure)
+  return setup, step
+
+
 # ----------------------------------------------------------------------------
 # Steps
 # ----------------------------------------------------------------------------
@@ -215,7 +224,8 @@ def make_train_step(cfg, setup: TrainSetup):
     (loss, logits), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    old = jax.tree.map(lambda x: x, nnx.state((model, opt)))  # a copy: update() mutates in place
+    if skip_nonfinite:
+      old = jax.tree.map(lambda x: x, nnx.state((model, opt)))  # a copy: update() mutates in place
     opt.update(model, grads)
     new = nnx.state((model, opt))
     if skip_nonfinite:  # drop the update, but count the step so the schedules move on
@@ -346,48 +356,45 @@ def _train(cfg, workdir: str, mesh, quiet: bool) -> dict[str, Any]:
   if start:
     writer.log(f"Resumed from {ckpts.step_path(start)} at step {start}.")
   t0, seen, last_log = time.time(), 0, start
-  step = start
-  signals = _SignalFlag()
   try:
-    signals.__enter__()
-    for step in range(start + 1, cfg.total_steps + 1):
-      batch = shd.global_batch(next(train_iter), mesh)
-      state, metrics = train_step(state, batch)
-      seen += cfg.batch_size
-      saving = bool(cfg.checkpoint_every) and step % cfg.checkpoint_every == 0 and step != cfg.total_steps
-      if step % cfg.log_every == 0 or step == cfg.total_steps or saving or signals.signum:
-        m = jax.device_get(metrics)
-        if not m["finite"] and cfg.nonfinite == "stop":
-          raise NonFiniteError(
-              f"Non-finite loss or gradient at step {step} (loss={m['loss']}, grad_norm={m['grad_norm']}): "
-              f"lower optimizer.lr or clip gradients (optimizer.grad_clip), or slow the alpha ramp "
-              f"(alpha.ramp_end); the last good checkpoint in {ckpts.directory} is kept "
-              f"(or set nonfinite='skip').")
-        dt = time.time() - t0
-        m["images_per_sec"] = seen / max(dt, 1e-9)
-        writer.write(step, m)
-        writer.advance(step - last_log)
-        last_log, seen, t0 = step, 0, time.time()
-      if saving:
-        ckpts.save(step, state, train_iter)
-      if signals.signum is not None:
-        if not saving:
-          ckpts.save(step, state, train_iter, force=True)
-        ckpts.wait()
-        raise Preempted(f"Stopped by signal {signals.signum} at step {step}; saved {ckpts.step_path(step)}. "
-                        f"Run the same command to resume.")
-      if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.total_steps:
-        res = evaluate(cfg, setup, state, eval_step, tuple(cfg.eval_modes))
-        writer.write(step, res, "eval")
-        ckpts.save_best(step, state, res)
-    if start < cfg.total_steps:
-      ckpts.save(cfg.total_steps, state, train_iter, force=True)
-    final = evaluate(cfg, setup, state, eval_step, tuple(cfg.eval_modes))
-    writer.write(cfg.total_steps, final, "eval")
-    ckpts.save_best(cfg.total_steps, state, final)
-    ckpts.wait()
+    with _SignalFlag() as signals:
+      for step in range(start + 1, cfg.total_steps + 1):
+        batch = shd.global_batch(next(train_iter), mesh)
+        state, metrics = train_step(state, batch)
+        seen += cfg.batch_size
+        saving = bool(cfg.checkpoint_every) and step % cfg.checkpoint_every == 0 and step != cfg.total_steps
+        if step % cfg.log_every == 0 or step == cfg.total_steps or saving or signals.signum:
+          m = jax.device_get(metrics)
+          if not m["finite"] and cfg.nonfinite == "stop":
+            raise NonFiniteError(
+                f"Non-finite loss or gradient at step {step} (loss={m['loss']}, grad_norm={m['grad_norm']}): "
+                f"lower optimizer.lr or clip gradients (optimizer.grad_clip), or slow the alpha ramp "
+                f"(alpha.ramp_end); the last good checkpoint in {ckpts.directory} is kept "
+                f"(or set nonfinite='skip').")
+          dt = time.time() - t0
+          m["images_per_sec"] = seen / max(dt, 1e-9)
+          writer.write(step, m)
+          writer.advance(step - last_log)
+          last_log, seen, t0 = step, 0, time.time()
+        if saving:
+          ckpts.save(step, state, train_iter)
+        if signals.signum is not None:
+          if not saving:
+            ckpts.save(step, state, train_iter, force=True)
+          ckpts.wait()
+          raise Preempted(f"Stopped by signal {signals.signum} at step {step}; saved {ckpts.step_path(step)}. "
+                          f"Run the same command to resume.")
+        if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.total_steps:
+          res = evaluate(cfg, setup, state, eval_step, tuple(cfg.eval_modes))
+          writer.write(step, res, "eval")
+          ckpts.save_best(step, state, res)
+      if start < cfg.total_steps:
+        ckpts.save(cfg.total_steps, state, train_iter, force=True)
+      final = evaluate(cfg, setup, state, eval_step, tuple(cfg.eval_modes))
+      writer.write(cfg.total_steps, final, "eval")
+      ckpts.save_best(cfg.total_steps, state, final)
+      ckpts.wait()
   finally:
-    signals.__exit__()
     ckpts.close()  # waits for any save in flight
     writer.close()
   summary = {"step": cfg.total_steps, "workdir": os.path.abspath(workdir), **final,

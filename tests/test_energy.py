@@ -61,7 +61,6 @@ def tiny():
 
 
 def test_zero_input_gives_zero_sops_and_energy_is_0_9_pj(tiny):
-  zero = energy.energy_report(tiny, jnp.zeros((2, 32, 32, 3)))
   # all-zero images still excite neurons through BN biases; feeding zero *spikes* must cost nothing
   layer = blocks.SynapticConv(4, 4, 3, rngs=nnx.Rngs(0))
   assert _layer_sops(layer, SpikeTrain(jnp.zeros((4, 1, 5, 5, 4)), jnp.float32(1.0)))["sops"] == 0
@@ -73,7 +72,6 @@ def test_zero_input_gives_zero_sops_and_energy_is_0_9_pj(tiny):
   assert "stem" not in rep["sops_per_stage"] and rep["stem_macs_per_image"] == 32 * 32 * 16 * 3 * 3 * 3
   assert rep["stem_energy_mj_per_image"] == pytest.approx(4.6e-9 * rep["stem_macs_per_image"])
   assert all(0 <= r <= 1 for r in rep["firing_rates"].values()) and len(rep["firing_rates"]) > 20
-  assert zero["sops_per_image"] >= 0
 
 
 def test_sops_scale_with_batch_as_documented(tiny):

@@ -6,14 +6,13 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
 import ge2mst_jax
 from ge2mst_jax import checkpoint as ckpt_lib
-from ge2mst_jax import energy, evaluation, train_lib
+from ge2mst_jax import evaluation, train_lib
 from tests.test_train import ROOT, small_digits
 
 

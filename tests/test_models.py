@@ -1,5 +1,4 @@
 """The network: GW-SSA against a looped reference, spike == quantize, spikes only, sizes."""
-import itertools
 
 import jax
 import jax.numpy as jnp

@@ -1,5 +1,4 @@
 """ExpG-IF: level sets, lossless spike emission, gradients, schedule, transforms."""
-import itertools
 import math
 
 import jax
