@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ge2mst_jax.blocks import SConv, SynapticConv
-from ge2mst_jax.neurons import ExpGIF, SpikeStats, SpikeTrain, code_scale
+from ge2mst_jax.neurons import SpikeStats, SpikeTrain, code_scale, make_neuron
 
 GROUPINGS = ("global", "local")
 
@@ -123,8 +123,11 @@ def _product(spec, a, b, mode, owner, name, collect, scales=None):
   else:
     out = jnp.einsum(spec, a, b) if scales is None else grid_einsum(spec, a, b, *scales)
     contracted = a.shape[-1]
-  if collect:  # dense MACs per image: every output sums `contracted` products
-    owner.sow(SpikeStats, f"{name}_macs", jnp.asarray(out.size // out.shape[0] * contracted, jnp.float32))
+    if mode == "stbp" and collect:  # binary spikes of one step meet: one accumulate per pair
+      owner.sow(SpikeStats, f"{name}_sops", jnp.sum(jnp.einsum(spec, jnp.abs(a), jnp.abs(b))))
+  if collect:  # dense MACs per image (and per step in stbp): every output sums `contracted` products
+    per_image = out.shape[0] * (out.shape[1] if mode == "stbp" else 1)
+    owner.sow(SpikeStats, f"{name}_macs", jnp.asarray(out.size // per_image * contracted, jnp.float32))
   return out
 
 
@@ -160,9 +163,9 @@ class SpikingAttention(nnx.Module):
     self.q = SConv(dim, dim, 1, neuron=neuron, dtype=dtype, rngs=rngs)  # IF(X) -> 1x1 -> BN
     self.k = SynapticConv(dim, dim, 1, dtype=dtype, rngs=rngs)
     self.v = SynapticConv(dim, dim, 1, dtype=dtype, rngs=rngs)
-    self.q_if, self.k_if, self.v_if = ExpGIF(**sym), ExpGIF(**sym), ExpGIF(**sym)
-    self.attn_if = ExpGIF(**dict(neuron, symmetric=False))
-    self.out_if = ExpGIF(**sym)
+    self.q_if, self.k_if, self.v_if = make_neuron(**sym), make_neuron(**sym), make_neuron(**sym)
+    self.attn_if = make_neuron(**dict(neuron, symmetric=False))
+    self.out_if = make_neuron(**sym)
     self.proj = SynapticConv(dim, dim, 1, dtype=dtype, rngs=rngs)
 
   def attend(self, q, k, v, *, mode, alpha, collect):

@@ -4,7 +4,9 @@ Every synaptic layer runs in two modes with one set of weights:
 - `quantize`: `BN(conv(x))` on real activations (the quantizer outputs), training path;
 - `spike`: consumes a `SpikeTrain`; BatchNorm is folded into the kernel and bias, the
   folded kernel acts on each binary (or ternary) step `s_t` (additions only), and the
-  post-synaptic neuron integrates `sum_t theta_t (W s_t) + b`.
+  post-synaptic neuron integrates `sum_t theta_t (W s_t) + b`;
+- `stbp`: the baseline paradigm (`stbp.py`): `(T, B, ...)` LIF spikes, time folded into the
+  batch, `BN(conv(s_t))` for every step, as multi-step STBP layers compute it.
 
 With `collect=True` the layer sows into `SpikeStats` its exact synaptic-operation count
 (spike mode; a total over the batch) and its dense MAC count per image (both modes);
@@ -16,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ge2mst_jax.neurons import ExpGIF, SpikeStats, SpikeTrain, step_bases
+from ge2mst_jax.neurons import SpikeStats, SpikeTrain, make_neuron, step_bases
 
 _DN = ("NHWC", "HWIO", "NHWC")
 _kernel_init = nnx.initializers.variance_scaling(2.0, "fan_in", "truncated_normal")
@@ -101,6 +103,12 @@ class SynapticConv(nnx.Module):
     return float(out_shape[-3] * out_shape[-2] * out_shape[-1] * k * k * cin_g)
 
   def __call__(self, x, *, mode: str = "quantize", collect: bool = False):
+    if mode == "stbp":
+      T = x.shape[0]
+      y = self(x.reshape(-1, *x.shape[2:]), mode="quantize", collect=collect)
+      if collect:
+        self.sow(SpikeStats, "sops", spike_sops_conv(x, self.kernel.shape, self.stride, self.groups))
+      return y.reshape(T, -1, *y.shape[1:])
     if mode == "spike":
       if not isinstance(x, SpikeTrain):
         raise TypeError("SynapticConv in spike mode consumes a SpikeTrain (the output of an ExpG-IF layer).")
@@ -131,7 +139,7 @@ class SConv(nnx.Module):
 
   def __init__(self, cin, cout, kernel=3, stride=1, groups=1, *, neuron: dict, dtype=jnp.float32,
                rngs: nnx.Rngs):
-    self.neuron = ExpGIF(**neuron)
+    self.neuron = make_neuron(**neuron)
     self.conv = SynapticConv(cin, cout, kernel, stride, groups, dtype=dtype, rngs=rngs)
 
   def __call__(self, x, *, mode="quantize", alpha=1.0, collect=False):

@@ -89,6 +89,9 @@ def summarize(flat_spike: dict, flat_quant: dict | None, batch: int, T: int) -> 
 def energy_report(model, images) -> dict[str, Any]:
   """Exact SOP / firing-rate / energy report of `model` on `images` (BN in eval mode)."""
   model.eval()
+  if model.cfg.paradigm == "stbp":  # the STBP network is its own spiking network
+    _, flat = instrumented_forward(model, images, mode="stbp")
+    return summarize(jax.device_get(flat), None, images.shape[0], model.cfg.T)
   _, flat_s = instrumented_forward(model, images, mode="spike")
   _, flat_q = instrumented_forward(model, images, mode="quantize")
   flat_s = jax.device_get(flat_s)
@@ -99,7 +102,7 @@ def energy_report(model, images) -> dict[str, Any]:
 def model_macs(model, image_shape) -> dict[str, float]:
   """Dense MACs and FLOPs per image (stem and network) of a quantize-mode forward."""
   model.eval()
-  _, flat = instrumented_forward(model, jnp.zeros((1, *image_shape), jnp.float32), mode="quantize")
+  _, flat = instrumented_forward(model, jnp.zeros((1, *image_shape), jnp.float32), mode=model.cfg.train_mode)
   out = summarize({}, jax.device_get(flat), 1, model.cfg.T)
   return {k: out[k] for k in ("stem_macs_per_image", "network_macs_per_image", "macs_per_image", "flops_per_image")}
 

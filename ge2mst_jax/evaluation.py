@@ -62,17 +62,17 @@ def evaluate_checkpoint(cfg, checkpoint_dir: str, step: int | None = None, energ
                         T: int | None = None, K: int | None = None) -> dict[str, Any]:
   cfg = _with_arch(cfg, T=T, K=K)
   setup, state, step = restore_for_eval(cfg, checkpoint_dir, step)
-  acc = train_lib.evaluate(cfg, setup, state, progress=True)
+  arch = train_lib.arch_from_config(cfg)
+  acc = train_lib.evaluate(cfg, setup, state, modes=arch.eval_modes, progress=True)
   model, _ = nnx.merge(setup.graphdef, state)
   model.eval()
   images = _energy_batch(cfg, energy_images)
   rep = energy.energy_report(model, images)
-  arch = train_lib.arch_from_config(cfg)
   return {
       "step": step, "checkpoint": os.path.abspath(checkpoint_dir), "T": arch.T, "K": arch.K,
-      "params": models.count_params(model), "energy_images": int(len(images)),
+      "paradigm": arch.paradigm, "params": models.count_params(model), "energy_images": int(len(images)),
       "accuracy_quantize": acc.get("accuracy_quantize"), "accuracy_spike": acc.get("accuracy_spike"),
-      **{k: v for k, v in acc.items() if k.startswith("top5")},
+      **{k: v for k, v in acc.items() if k.startswith("top5") or k == "accuracy_stbp"},
       "prediction_agreement": acc.get("prediction_agreement"), "max_rel_logit_diff": acc.get("max_rel_logit_diff"),
       "examples": acc.get("examples"), **rep, "ungrouped_attention_sops": ungrouped_bound(rep, model),
   }
@@ -145,11 +145,12 @@ def markdown_report(rep: dict, sweep: list[dict] | None = None) -> str:
            "| metric | value |", "|---|---|",
            f"| accuracy, quantize mode | {pct(rep['accuracy_quantize'])} |",
            f"| accuracy, spike mode | {pct(rep['accuracy_spike'])} |"]
-  for k in ("top5_accuracy_quantize", "top5_accuracy_spike"):
+  for k in ("accuracy_stbp", "top5_accuracy_quantize", "top5_accuracy_spike", "top5_accuracy_stbp"):
     if k in rep:
       lines.append(f"| {k.replace('_', ' ')} | {pct(rep[k])} |")
+  diff = rep["max_rel_logit_diff"]
   lines += [f"| identical predictions (spike vs quantize) | {pct(rep['prediction_agreement'])} |",
-            f"| max relative logit difference | {rep['max_rel_logit_diff']:.2e} |",
+            f"| max relative logit difference | {'—' if diff is None else f'{diff:.2e}'} |",
             f"| SOPs / image (stem excluded) | {rep['sops_per_image'] / 1e6:,.3f} M |",
             f"| energy / image (0.9 pJ per SOP) | {rep['energy_mj_per_image']:.5f} mJ |",
             f"| stem MACs / image (4.6 pJ per MAC) | {rep['stem_macs_per_image'] / 1e6:,.3f} M = "

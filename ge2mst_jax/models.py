@@ -20,9 +20,10 @@ from flax import nnx
 
 from ge2mst_jax.attention import AttentionBlock, check_divisible
 from ge2mst_jax.blocks import SFFN, EventFrameAdapter, SConv, Stem, SynapticConv
-from ge2mst_jax.neurons import ExpGIF, check_tk
+from ge2mst_jax.neurons import PARADIGMS, check_tk, make_neuron
+from ge2mst_jax.stbp import RESETS, SURROGATES
 
-MODES = ("quantize", "spike")
+MODES = ("quantize", "spike", "stbp")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,12 +50,24 @@ class ArchConfig:
   lam_init: float = 1.0
   quantizer: str = "compare"                  # level search: 'search' (binary) | 'compare' (same result)
   dtype: str = "float32"                      # synaptic compute: 'float32' | 'bfloat16' | 'float64' (checks; x64)
+  # Training paradigm: 'expg' (ExpG-IF quantizers, the paper) | 'stbp' (multi-step LIF + BPTT baseline).
+  paradigm: str = "expg"
+  lif_tau: float = 2.0                        # stbp: membrane time constant
+  lif_threshold: float = 0.5                  # stbp: firing threshold v_th (at 1.0 a fresh net barely fires)
+  lif_reset: str = "soft"                     # stbp: 'soft' (subtract v_th) | 'hard' (to 0)
+  surrogate: str = "sigmoid"                  # stbp: surrogate gradient 'sigmoid' | 'atan'
+  surrogate_alpha: float = 4.0                # stbp: surrogate sharpness
 
   def validate(self) -> "ArchConfig":
     check_tk(self.T, self.K)
     for name, n in (("widths", 4), ("depths", 4), ("heads", 3), ("gw_strides", 2)):
       if len(getattr(self, name)) != n:
         raise ValueError(f"ArchConfig.{name} needs {n} entries, got {getattr(self, name)!r}.")
+    if self.paradigm not in PARADIGMS:
+      raise ValueError(f"ArchConfig.paradigm={self.paradigm!r}: use one of {PARADIGMS}.")
+    if self.paradigm == "stbp" and (self.lif_reset not in RESETS or self.surrogate not in SURROGATES):
+      raise ValueError(f"STBP options lif_reset={self.lif_reset!r}, surrogate={self.surrogate!r}: use one of "
+                       f"{RESETS} and one of {SURROGATES}.")
     if self.dtype not in ("float32", "bfloat16", "float64"):
       raise ValueError(f"ArchConfig.dtype={self.dtype!r}: use 'float32', 'bfloat16' or 'float64'.")
     if self.dtype == "float64" and not jax.config.jax_enable_x64:
@@ -79,7 +92,20 @@ class ArchConfig:
 
   @property
   def neuron(self) -> dict:
-    return dict(T=self.T, K=self.K, lam_init=self.lam_init, method=self.quantizer)
+    lif = dict(tau=self.lif_tau, threshold=self.lif_threshold, reset=self.lif_reset, surrogate=self.surrogate,
+               surrogate_alpha=self.surrogate_alpha)
+    return dict(T=self.T, K=self.K, lam_init=self.lam_init, method=self.quantizer, paradigm=self.paradigm,
+                lif=lif)
+
+  @property
+  def train_mode(self) -> str:
+    """The mode the network trains in: 'quantize' (ExpG-IF) or 'stbp' (LIF over T steps)."""
+    return "stbp" if self.paradigm == "stbp" else "quantize"
+
+  @property
+  def eval_modes(self) -> tuple:
+    """Modes that evaluate a trained network: both ExpG-IF modes, or the STBP network itself."""
+    return ("stbp",) if self.paradigm == "stbp" else ("quantize", "spike")
 
 
 def _family_entry(w: int, **kw) -> dict:
@@ -133,7 +159,7 @@ class Ge2msT(nnx.Module):
       stages.append(nnx.List(blocks))
       cin = c
     self.stages = nnx.List(stages)
-    self.head_if = ExpGIF(**nr)
+    self.head_if = make_neuron(**nr)
     self.classifier = SynapticConv(c4, num_classes, 1, bn=False, bias=True, dtype=dt, rngs=rngs)
 
   def check_input(self, images) -> None:
@@ -160,19 +186,27 @@ class Ge2msT(nnx.Module):
   def __call__(self, images, *, mode: str = "quantize", alpha=1.0, collect: bool = False):
     if mode not in MODES:
       raise ValueError(f"Unknown mode {mode!r}: use 'quantize' (training) or 'spike' (inference).")
+    if (mode == "stbp") != (self.cfg.paradigm == "stbp"):
+      raise ValueError(f"A {self.cfg.paradigm!r} network runs in mode(s) {self.cfg.eval_modes}, not {mode!r}.")
     self.check_input(images)
     kw = dict(mode=mode, alpha=alpha, collect=collect)
     x = images.astype(jnp.promote_types(self.cfg.dtype, jnp.float32))
     if self.adapter is not None:
       x = self.adapter(x, collect=collect)
     x = self.stem(x, collect=collect)
+    if mode == "stbp":  # direct encoding: the stem's output is the input current of every step
+      x = jnp.broadcast_to(x, (self.cfg.T, *x.shape))
     for stage in self.stages:
       for block in stage:
         x = block(x, **kw)
     s = self.head_if(x, **kw)
-    if mode == "spike":  # the classifier consumes spikes token by token; pooling is additions
-      return jnp.mean(self.classifier(s, mode=mode, collect=collect), axis=(-3, -2))
-    return self.classifier(jnp.mean(s, axis=(-3, -2), keepdims=True), mode=mode, collect=collect)[:, 0, 0]
+    if mode == "spike" or (mode == "stbp" and collect):
+      # The classifier consumes spikes token by token; pooling is additions. Linear, so training
+      # pools first (the same function, fewer operations).
+      logits = jnp.mean(self.classifier(s, mode=mode, collect=collect), axis=(-3, -2))
+    else:
+      logits = self.classifier(jnp.mean(s, axis=(-3, -2), keepdims=True), mode=mode, collect=collect)[..., 0, 0, :]
+    return jnp.mean(logits, axis=0) if mode == "stbp" else logits
 
 
 def arch_config(name: str, **overrides) -> ArchConfig:

@@ -312,4 +312,20 @@ class ExpGIF(nnx.Module):
         self.sow(SpikeStats, "spike_count", jnp.sum(jnp.abs(spikes), dtype=jnp.float32))
         self.sow(SpikeStats, "neurons", jnp.asarray(x.size, jnp.float32))
       return SpikeTrain(spikes, code_scale(lam, self.T, self.K, x.dtype))
+    if mode == "stbp":
+      raise ValueError("mode='stbp' needs LIF neurons: build the network with paradigm='stbp'.")
     raise ValueError(f"Unknown neuron mode {mode!r}: use 'quantize' or 'spike'.")
+
+
+PARADIGMS = ("expg", "stbp")
+
+
+def make_neuron(paradigm: str = "expg", lif: dict | None = None, **expg):
+  """The neuron layer of a training paradigm: `ExpGIF(**expg)`, or for 'stbp' a multi-step
+  LIF (`stbp.LIF(T, **lif)`) trained by backpropagation through time."""
+  if paradigm == "expg":
+    return ExpGIF(**expg)
+  if paradigm == "stbp":
+    from ge2mst_jax.stbp import LIF  # stbp imports this module
+    return LIF(expg["T"], symmetric=expg.get("symmetric", False), **(lif or {}))
+  raise ValueError(f"Unknown paradigm {paradigm!r}: use one of {PARADIGMS}.")

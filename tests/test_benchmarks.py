@@ -4,16 +4,37 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.test_train import ROOT
 
+MACHINE_KEYS = {"benchmark", "date", "machine", "processor", "cpu_count", "device_kind", "device_count", "platform",
+                "jax", "flax", "python", "smoke", "rows"}
+ROW_KEYS = {
+    "train_step": {"model", "image_size", "batch", "dtype", "step_s", "images_per_s", "model_flops_per_s",
+                   "macs_per_image", "fraction_of_matmul_rate", "peak_bytes", "temp_bytes"},
+    "paradigms": {"paradigm", "T", "K", "step_s", "images_per_s", "peak_bytes", "temp_bytes", "time_vs_T1",
+                  "memory_vs_T1", "sops_per_image", "mean_firing_rate"},
+    "inference": {"model", "T", "K", "quantize_s", "spike_s", "spike_over_quantize", "sops_per_image",
+                  "flops_per_image", "sops_over_flops"},
+    "input_pipeline": {"stage", "batch", "images_per_s", "vs_train_step"},
+}
 
-def test_train_step_benchmark_smoke(tmp_path):
-  r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "train_step.py"), "--smoke", "--out",
-                      str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=ROOT,
-                     env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+@pytest.mark.parametrize("name", sorted(ROW_KEYS))
+def test_benchmark_smoke_writes_its_json(name, tmp_path):
+  # One real device, as a user runs it (the tests' 8 simulated CPU devices are for sharding).
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+  r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", f"{name}.py"), "--smoke", "--out",
+                      str(tmp_path)], capture_output=True, text=True, timeout=400, cwd=ROOT, env=env)
   assert r.returncode == 0, r.stderr[-2000:]
-  res = json.load(open(tmp_path / "train_step_smoke.json"))
-  assert {"date", "machine", "device_kind", "jax", "matmul_flops_per_s", "rows"} <= set(res)
-  row = res["rows"][0]
-  assert {"model", "batch", "images_per_s", "model_flops_per_s", "fraction_of_matmul_rate"} <= set(row)
-  assert row["images_per_s"] > 0 and 0 < row["fraction_of_matmul_rate"]
+  res = json.load(open(tmp_path / f"{name}_smoke.json"))
+  assert MACHINE_KEYS <= set(res) and res["benchmark"] == name and res["smoke"] is True
+  assert res["rows"] and all(ROW_KEYS[name] <= set(row) for row in res["rows"])
+  assert all(row["images_per_s"] > 0 for row in res["rows"] if "images_per_s" in row)
+  if name == "train_step":
+    assert res["matmul_flops_per_s"] > 0 and 0 < res["rows"][0]["fraction_of_matmul_rate"]
+  if name == "paradigms":
+    assert {row["paradigm"] for row in res["rows"]} == {"expg", "stbp"}
+    assert all(row["peak_bytes"] > row["temp_bytes"] > 0 for row in res["rows"])
+  assert f"wrote {tmp_path / name}_smoke.json" in r.stdout

@@ -1,0 +1,114 @@
+"""What every benchmark shares: the machine's own matmul rate, a jitted train step on
+synthetic data, timing, and the JSON record with the machine, device, versions and date."""
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from configs import common as config_common
+from ge2mst_jax import models, sharding as shd, train_lib
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def matmul_rate(n: int, dtype=jnp.float32, repeats: int = 5) -> float:
+  """FLOP/s of a dense `n x n` matmul through JAX on the default device (best of `repeats`)."""
+  a = jnp.ones((n, n), dtype)
+  f = jax.jit(lambda a: a @ a)
+  f(a).block_until_ready()
+  best = min(timed(lambda: f(a)) for _ in range(repeats))
+  return 2 * n ** 3 / best
+
+
+def timed(fn) -> float:
+  """Seconds of one call of `fn`, waiting for its result."""
+  t = time.perf_counter()
+  jax.block_until_ready(fn())
+  return time.perf_counter() - t
+
+
+def synthetic_batch(batch: int, size: int, num_classes: int, seed: int = 0) -> dict:
+  rng = np.random.default_rng(seed)
+  return {"image": rng.normal(size=(batch, size, size, 3)).astype(np.float32),
+          "label": rng.integers(0, num_classes, batch).astype(np.int32)}
+
+
+def train_config(name: str, batch: int, image_size: int | None = None, **arch):
+  """A training config for `name` on synthetic data (1000 classes at 224², else 10)."""
+  size = image_size or models.arch_config(name).image_size
+  cfg = config_common.base_config(name, dataset="synthetic", num_classes=1000 if size >= 224 else 10,
+                                  image_size=size, **arch)
+  cfg.batch_size, cfg.total_steps = batch, 1000
+  return cfg
+
+
+class TrainStep:
+  """A compiled train step with its state and one synthetic batch on a one-axis mesh."""
+
+  def __init__(self, cfg):
+    self.cfg = cfg
+    self.mesh = shd.make_mesh(1)
+    self.setup = train_lib.create_train_state(cfg, self.mesh)
+    self.step = train_lib.make_train_step(cfg, self.setup)
+    size = cfg.data.image_size
+    self.batch = shd.global_batch(synthetic_batch(cfg.batch_size, size, cfg.data.num_classes), self.mesh)
+    self.state = self.setup.state
+    t = time.perf_counter()
+    self.compiled = self.step.lower(self.state, self.batch).compile()
+    self.compile_s = time.perf_counter() - t
+
+  def run(self, steps: int) -> float:
+    """Median seconds per step over `steps` steps, after one warm-up step."""
+    self.state, m = self.compiled(self.state, self.batch)
+    jax.block_until_ready(m)
+    times = []
+    for _ in range(steps):
+      t = time.perf_counter()
+      self.state, m = self.compiled(self.state, self.batch)
+      jax.block_until_ready(m)
+      times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+  def memory(self) -> dict:
+    """XLA's compiled memory analysis (deterministic): bytes of arguments, outputs, temporaries."""
+    ma = self.compiled.memory_analysis()
+    args, out, temp = ma.argument_size_in_bytes, ma.output_size_in_bytes, ma.temp_size_in_bytes
+    alias = ma.alias_size_in_bytes
+    return {"argument_bytes": int(args), "output_bytes": int(out), "temp_bytes": int(temp),
+            "alias_bytes": int(alias), "peak_bytes": int(args + out + temp - alias)}
+
+  def model(self):
+    from flax import nnx
+    model, _ = nnx.merge(self.setup.graphdef, self.state)
+    model.eval()
+    return model
+
+
+def record(name: str, rows: list, smoke: bool, out_dir: str, **extra) -> str:
+  """Writes `{out_dir}/{name}[_smoke].json` with the machine, device, versions and date; returns its path."""
+  import flax
+  result = {"benchmark": name, "date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "machine": platform.node(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "device_kind": jax.devices()[0].device_kind,
+            "device_count": jax.device_count(), "platform": jax.devices()[0].platform, "jax": jax.__version__,
+            "flax": flax.__version__, "python": platform.python_version(), "smoke": smoke, **extra, "rows": rows}
+  os.makedirs(out_dir, exist_ok=True)
+  path = os.path.join(out_dir, name + ("_smoke" if smoke else "") + ".json")
+  with open(path, "w") as f:
+    json.dump(result, f, indent=2)
+  return path
+
+
+def print_table(rows: list, columns: list) -> None:
+  """`columns`: (header, key, format) triples."""
+  print("  ".join(f"{h:>{max(len(h), 8)}s}" for h, _, _ in columns))
+  for r in rows:
+    print("  ".join(f"{format(r[k], fmt):>{max(len(h), 8)}s}" for h, k, fmt in columns))

@@ -1,0 +1,103 @@
+"""The STBP baseline: a multi-step LIF neuron trained by backpropagation through time.
+
+This is how Spikformer and its successors train (SpikingJelly's multi-step LIF with a
+surrogate gradient): every layer sees `(T, B, ...)` tensors, the neuron scans its
+membrane over the T steps, and the gradient flows back through that scan. The paper's
+Table 1 contrasts it with ExpG-IF, whose training graph has no time axis at all;
+`benchmarks/paradigms.py` measures both on the same network (`ArchConfig.paradigm`).
+
+Dynamics (decay_input, reset to 0), for input current `x_t`:
+    h_t = v_{t-1} + (x_t - v_{t-1}) / tau
+    s_t = H(h_t - v_th)                          (Heaviside; surrogate derivative)
+    v_t = h_t - s_t v_th        (soft reset)  or  h_t (1 - s_t)   (hard reset)
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ge2mst_jax.neurons import SpikeStats
+
+SURROGATES = ("sigmoid", "atan")
+RESETS = ("soft", "hard")
+
+
+def surrogate_grad(u: jax.Array, kind: str, alpha: float) -> jax.Array:
+  """d spike / d u of the smooth stand-in for the Heaviside step at `u = h - v_th`."""
+  if kind == "sigmoid":
+    sg = jax.nn.sigmoid(alpha * u)
+    return alpha * sg * (1 - sg)
+  if kind == "atan":
+    return alpha / 2 / (1 + (jnp.pi / 2 * alpha * u) ** 2)
+  raise ValueError(f"Unknown surrogate {kind!r}: use one of {SURROGATES}.")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def heaviside(u: jax.Array, kind: str = "sigmoid", alpha: float = 4.0) -> jax.Array:
+  """`1[u >= 0]` in the forward pass, the surrogate's derivative in the backward pass."""
+  return (u >= 0).astype(u.dtype)
+
+
+heaviside.defvjp(lambda u, kind, alpha: (heaviside(u, kind, alpha), u),
+                 lambda kind, alpha, u, g: (g * surrogate_grad(u, kind, alpha).astype(g.dtype),))
+
+
+def lif_step(v, x, *, tau: float, v_th: float, reset: str, surrogate: str, alpha: float):
+  """One LIF step: `(v_{t-1}, x_t) -> (v_t, s_t)`."""
+  h = v + (x - v) * (1.0 / tau)
+  s = heaviside(h - v_th, surrogate, alpha)
+  if reset == "soft":
+    v = h - s * v_th
+  elif reset == "hard":
+    v = h * (1 - s)
+  else:
+    raise ValueError(f"Unknown LIF reset {reset!r}: use one of {RESETS}.")
+  return v, s
+
+
+def lif_scan(x: jax.Array, *, tau: float = 2.0, v_th: float = 1.0, reset: str = "soft",
+             surrogate: str = "sigmoid", alpha: float = 4.0) -> jax.Array:
+  """Binary spikes `(T, ...)` of a LIF neuron driven by currents `x` `(T, ...)`, membrane from 0.
+
+  A `lax.scan`: the backward pass runs through every step (BPTT), so training memory
+  holds the membrane of all T steps.
+  """
+  step = functools.partial(lif_step, tau=tau, v_th=v_th, reset=reset, surrogate=surrogate, alpha=alpha)
+  _, spikes = jax.lax.scan(step, jnp.zeros_like(x[0]), x)
+  return spikes
+
+
+class LIF(nnx.Module):
+  """A multi-step LIF layer: `(T, B, ...)` currents in, `(T, B, ...)` binary spikes out.
+
+  Runs only in `mode='stbp'`. `symmetric` is accepted so the network can build it where an
+  ExpG-IF layer would be ternary; LIF spikes are binary, as in Spikformer.
+  """
+
+  def __init__(self, T: int = 4, tau: float = 2.0, threshold: float = 1.0, reset: str = "soft",
+               surrogate: str = "sigmoid", surrogate_alpha: float = 4.0, symmetric: bool = False):
+    del symmetric
+    if tau < 1:
+      raise ValueError(f"LIF tau={tau} must be >= 1 (tau=1 is an IF neuron without leak memory).")
+    if reset not in RESETS:
+      raise ValueError(f"Unknown LIF reset {reset!r}: use one of {RESETS}.")
+    if surrogate not in SURROGATES:
+      raise ValueError(f"Unknown surrogate {surrogate!r}: use one of {SURROGATES}.")
+    self.T, self.tau, self.v_th, self.reset = T, float(tau), float(threshold), reset
+    self.surrogate, self.alpha = surrogate, float(surrogate_alpha)
+
+  def __call__(self, x, *, mode: str = "stbp", alpha=1.0, collect: bool = False):
+    del alpha  # progressive activation belongs to ExpG-IF
+    if mode != "stbp":
+      raise ValueError(f"A LIF (STBP) network runs only in mode='stbp', not {mode!r}.")
+    if x.shape[0] != self.T:
+      raise ValueError(f"LIF layer built for T={self.T} got {x.shape[0]} time steps (input shape {x.shape}).")
+    spikes = lif_scan(x, tau=self.tau, v_th=self.v_th, reset=self.reset, surrogate=self.surrogate,
+                      alpha=self.alpha)
+    if collect:
+      self.sow(SpikeStats, "spike_count", jnp.sum(spikes, dtype=jnp.float32))
+      self.sow(SpikeStats, "neurons", jnp.asarray(x[0].size, jnp.float32))
+    return spikes
