@@ -10,8 +10,10 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-config_flags.DEFINE_config_file("config", None, "Config file (default: the work directory's config.json).",
-                                lock_config=False)
+from ge2mst_jax.cli import guard, load_config, parse_flags
+
+guard(lambda: config_flags.DEFINE_config_file("config", None, "Config file (default: the work directory's config.json).",
+                                              lock_config=False))
 flags.DEFINE_string("workdir", None, "Work directory written by train.py.")
 flags.DEFINE_string("checkpoint", None, "A checkpoint directory (default: WORKDIR/checkpoints, newest step).")
 flags.DEFINE_integer("step", None, "Evaluate this step instead of the newest.")
@@ -31,7 +33,7 @@ def main(argv):
   if not FLAGS.workdir and not FLAGS.checkpoint:
     sys.exit("eval.py: pass --workdir (a train.py work directory) or --checkpoint.")
   workdir = FLAGS.workdir or os.path.dirname(os.path.abspath(FLAGS.checkpoint.rstrip("/")))
-  cfg = FLAGS.config
+  cfg = load_config()
   if cfg is None:
     try:
       cfg = read_config(workdir)
@@ -56,4 +58,4 @@ def main(argv):
 
 if __name__ == "__main__":
   logging.set_verbosity(logging.WARNING)
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

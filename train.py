@@ -9,41 +9,16 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from ge2mst_jax.cli import guard, load_config, parse_flags
+
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "digits.py")
 
-def _unknown_key_exit(err: Exception) -> None:
-  """One line for `--config.KEY=...` overrides naming keys the config does not have."""
-  lines = str(err).replace("\\n", "\n").strip("\"'").splitlines()
-  name = lines[0].strip("\"'\\")
-  hint = " " + lines[1].strip("\"'") if len(lines) > 1 else ""
-  bad = next((a.split("=", 1)[0] for a in sys.argv[1:] if a.startswith("--config.") and name in a), name)
-  sys.exit(f"{os.path.basename(sys.argv[0])}: unknown config key {bad.lstrip('-')!r}.{hint} See the config file "
-           f"for the valid keys (python -c \"from configs import digits; print(digits.get_config())\").")
-
-
-def _parse_flags(argv):
-  try:
-    return FLAGS(argv)
-  except flags.Error as e:
-    sys.exit(f"{os.path.basename(argv[0])}: {e}")
-  except (AttributeError, KeyError) as e:
-    _unknown_key_exit(e)
-
-
-try:  # config_flags applies --config.* overrides while defining the flag
-  config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Training configuration file.", lock_config=True)
-except (AttributeError, KeyError) as e:
-  _unknown_key_exit(e)
+# config_flags applies --config.* overrides while defining the flag
+guard(lambda: config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Training configuration file.",
+                                             lock_config=True))
 flags.DEFINE_string("workdir", None, "Work directory (checkpoints, metrics). Default: ./workdirs/<data set>.")
 flags.DEFINE_bool("quiet", False, "No progress output (metrics still go to the work directory).")
 FLAGS = flags.FLAGS
-
-
-def load_config():
-  try:
-    return FLAGS.config
-  except (AttributeError, KeyError) as e:
-    _unknown_key_exit(e)
 
 
 def main(argv):
@@ -65,7 +40,7 @@ def main(argv):
   print(f"work directory     : {summary['workdir']}")
   print(f"steps              : {summary['step']}  (T={summary['T']}, K={summary['K']})")
   print(f"test examples      : {int(summary['examples'])}")
-  for mode in ("quantize", "spike"):
+  for mode in ("quantize", "spike", "stbp"):
     if f"accuracy_{mode}" in summary:
       print(f"accuracy ({mode}){' ' * (8 - len(mode))}: {summary[f'accuracy_{mode}']:.4f}")
   if "prediction_agreement" in summary:
@@ -75,4 +50,4 @@ def main(argv):
 
 if __name__ == "__main__":
   logging.set_verbosity(logging.WARNING)
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=parse_flags)

@@ -76,11 +76,13 @@ class Checkpoints:
     self.manager.reload()
     return sorted(self.manager.all_steps())
 
-  def restore(self, target_pure: dict, data_iter=None, step: int | None = None):
+  def restore(self, target_pure: dict, data_iter=None, step: int | None = None, quarantine: bool = False):
     """Restores the newest complete, undamaged step (or `step`); returns `(step, pure_state)`.
 
     Falls back step by step past damaged checkpoints, logging each one with its path.
-    Returns `(None, None)` when the directory holds no checkpoint at all.
+    With `quarantine` (resuming training) a damaged step is moved, whole, to
+    `damaged_checkpoints/` beside this directory: training will write that step again,
+    and nothing is deleted. Returns `(None, None)` when the directory holds no checkpoint.
     """
     candidates = [step] if step is not None else self.steps()[::-1]
     errors = []
@@ -94,6 +96,8 @@ class Checkpoints:
         return s, restored["state"]
       except Exception as e:  # orbax/tensorstore raise many types for truncated or corrupt files
         msg = f"checkpoint {self.step_path(s)} is damaged or incompatible ({type(e).__name__}: {str(e)[:200]})"
+        if quarantine:
+          msg += f"; moved to {self._quarantine(s)}"
         logging.warning("%s; trying the previous one.", msg)
         errors.append(msg)
     if errors:
@@ -102,6 +106,17 @@ class Checkpoints:
 
   def step_path(self, step: int) -> str:
     return os.path.join(self.directory, str(step))
+
+  def _quarantine(self, step: int) -> str:
+    dest_dir = os.path.join(os.path.dirname(self.directory), "damaged_checkpoints")
+    os.makedirs(dest_dir, exist_ok=True)
+    dest = os.path.join(dest_dir, str(step))
+    n = 1
+    while os.path.exists(dest):
+      dest, n = os.path.join(dest_dir, f"{step}.{n}"), n + 1
+    os.rename(self.step_path(step), dest)
+    self.manager.reload()
+    return dest
 
 
 def _check_shapes(restored, target, path) -> None:

@@ -67,10 +67,20 @@ def tfds_source(name: str, split: str, data_dir: str | None):
     return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
   except Exception as e:  # tfds raises several types for "not prepared"
     where = data_dir or "~/tensorflow_datasets"
+    if name.split(":")[0] not in tfds.list_builders(with_community_datasets=False):
+      raise DataError(
+          f"Unknown data set {name!r}: it is neither 'digits', nor a tfds data set, nor prepared in {where}: "
+          f"check data.name (e.g. cifar10, cifar100, imagenet2012) and data.data_dir.") from None
     raise DataError(
         f"Data set {name!r} (split {split!r}) is not prepared as ArrayRecord in {where}: run "
         f"`tfds build {name} --file_format=array_record --data_dir={where}` on a machine with TensorFlow, "
         f"or copy prepared files there, then pass --config.data.data_dir ({type(e).__name__}).") from None
+
+
+def check_data(cfg) -> None:
+  """Opens both splits, so that a missing or unknown data set fails before any compile or write."""
+  for split in ("train", "test"):
+    make_source(cfg, split)
 
 
 def make_source(cfg, split: str):
@@ -196,9 +206,10 @@ def _preprocess(cfg, train: bool) -> Preprocess:
                     cfg.get("randaug_ops", 2), cfg.get("randaug_magnitude", 9), cfg.get("event_frames", 0))
 
 
-def train_dataset(cfg, global_batch: int, seed: int) -> grain.IterDataset:
-  """Infinite, shuffled (per epoch, seeded), augmented, batched stream of this process's shard."""
-  source = make_source(cfg, "train")
+def train_dataset(cfg, global_batch: int, seed: int, source: Sequence | None = None) -> grain.IterDataset:
+  """Infinite, shuffled (per epoch, seeded), augmented, batched stream of this process's shard
+  of `source` (default: the config's training split)."""
+  source = make_source(cfg, "train") if source is None else source
   ds = grain.MapDataset.source(source)[process_shard(len(source))]
   ds = ds.seed(seed).shuffle().repeat(None).random_map(_preprocess(cfg, True))
   ds = ds.batch(local_batch_size(global_batch), drop_remainder=True)

@@ -117,6 +117,12 @@ def build_model(cfg) -> Ge2msT:
   return Ge2msT(arch_from_config(cfg), cfg.data.num_classes, rngs=nnx.Rngs(cfg.seed))
 
 
+def eval_modes(cfg) -> tuple:
+  """The modes evaluated after training: `cfg.eval_modes` for ExpG-IF, the network itself for STBP."""
+  arch = arch_from_config(cfg)
+  return arch.eval_modes if arch.paradigm == "stbp" else tuple(cfg.eval_modes)
+
+
 def learning_rate_schedule(cfg) -> optax.Schedule:
   o = cfg.optimizer
   peak = o.lr * cfg.batch_size / o.base_batch_size   # linear scaling rule
@@ -207,6 +213,7 @@ def make_train_step(cfg, setup: TrainSetup):
   lr_fn = learning_rate_schedule(cfg)
   skip_nonfinite = cfg.nonfinite == "skip"
   inject_step = cfg.get("debug_nan_at_step", -1)
+  train_mode = arch_from_config(cfg).train_mode
 
   def train_step(state, batch):
     model, opt = nnx.merge(graphdef, state)
@@ -217,7 +224,7 @@ def make_train_step(cfg, setup: TrainSetup):
                           cfg.mixup, cfg.cutmix)
 
     def loss_fn(model):
-      logits = model(images, mode="quantize", alpha=alpha)
+      logits = model(images, mode=train_mode, alpha=alpha)
       loss = optax.softmax_cross_entropy(logits, labels).mean()
       return jnp.where(step + 1 == inject_step, jnp.nan, loss), logits  # loop steps count from 1
 
@@ -272,9 +279,9 @@ def make_eval_step(cfg, setup: TrainSetup, modes=("quantize", "spike")):
   return jax.jit(eval_step, in_shardings=(setup.shardings, None))
 
 
-def evaluate(cfg, setup: TrainSetup, state, eval_step=None, modes=("quantize", "spike"),
+def evaluate(cfg, setup: TrainSetup, state, eval_step=None, modes=None,
              progress: bool = False) -> dict[str, float]:
-  eval_step = eval_step or make_eval_step(cfg, setup, modes)
+  eval_step = eval_step or make_eval_step(cfg, setup, modes or eval_modes(cfg))
   sums: dict[str, float] = {}
   batches = data_lib.eval_batches(cfg.data, cfg.eval_batch_size)
   if progress and jax.process_index() == 0:
@@ -319,6 +326,10 @@ def validate_config(cfg, mesh) -> None:
   if arch.image_size != cfg.data.image_size:
     raise ValueError(f"model.arch.image_size={arch.image_size} differs from data.image_size={cfg.data.image_size}: "
                      f"set both to the same size.")
+  if arch.event_frames != cfg.data.get("event_frames", 0):
+    raise ValueError(f"model.arch.event_frames={arch.event_frames} differs from data.event_frames="
+                     f"{cfg.data.get('event_frames', 0)}: set both to the number of event frames.")
+  data_lib.check_data(cfg.data)
 
 
 def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, quiet: bool = False) -> dict[str, Any]:
@@ -338,12 +349,13 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, quiet: bool
 def _train(cfg, workdir: str, mesh, quiet: bool) -> dict[str, Any]:
   setup = create_train_state(cfg, mesh)
   train_iter = iter(data_lib.train_dataset(cfg.data, cfg.batch_size, cfg.seed))
+  modes = eval_modes(cfg)
   ckpts = ckpt_lib.Checkpoints(os.path.join(workdir, "checkpoints"), cfg.keep_checkpoints,
                                async_save=cfg.async_checkpoints,
-                               best_metric="accuracy_spike" if "spike" in cfg.eval_modes else "accuracy_quantize")
+                               best_metric="accuracy_spike" if "spike" in modes else f"accuracy_{modes[0]}")
   state = setup.state
   target = ckpt_lib.abstract_pure(setup.abstract, setup.shardings)
-  start, restored = ckpts.restore(target, train_iter)
+  start, restored = ckpts.restore(target, train_iter, quarantine=jax.process_index() == 0)
   if restored is not None:
     nnx.replace_by_pure_dict(state, restored)
   start = start or 0
@@ -351,7 +363,7 @@ def _train(cfg, workdir: str, mesh, quiet: bool) -> dict[str, Any]:
     from ge2mst_jax.finetune import load_pretrained  # fine-tuning start (eval/export issue)
     state = load_pretrained(cfg, setup, state)
   train_step = make_train_step(cfg, setup)
-  eval_step = make_eval_step(cfg, setup, tuple(cfg.eval_modes))
+  eval_step = make_eval_step(cfg, setup, modes)
   writer = MetricWriter(workdir, cfg.total_steps, start, quiet)
   if start:
     writer.log(f"Resumed from {ckpts.step_path(start)} at step {start}.")
@@ -385,12 +397,12 @@ def _train(cfg, workdir: str, mesh, quiet: bool) -> dict[str, Any]:
           raise Preempted(f"Stopped by signal {signals.signum} at step {step}; saved {ckpts.step_path(step)}. "
                           f"Run the same command to resume.")
         if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.total_steps:
-          res = evaluate(cfg, setup, state, eval_step, tuple(cfg.eval_modes))
+          res = evaluate(cfg, setup, state, eval_step, modes)
           writer.write(step, res, "eval")
           ckpts.save_best(step, state, res)
       if start < cfg.total_steps:
         ckpts.save(cfg.total_steps, state, train_iter, force=True)
-      final = evaluate(cfg, setup, state, eval_step, tuple(cfg.eval_modes))
+      final = evaluate(cfg, setup, state, eval_step, modes)
       writer.write(cfg.total_steps, final, "eval")
       ckpts.save_best(cfg.total_steps, state, final)
       ckpts.wait()

@@ -8,6 +8,9 @@ from flax import nnx
 from ge2mst_jax import attention, blocks, energy, models
 from ge2mst_jax.neurons import SpikeTrain
 
+# The tests share a module fixture: one worker computes it once.
+pytestmark = pytest.mark.xdist_group("tiny_energy")
+
 
 def _layer_sops(layer, train):
   _, flat = energy.capture_stats(lambda m, x: m(x, mode="spike", collect=True), layer, train)

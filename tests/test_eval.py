@@ -15,6 +15,9 @@ from ge2mst_jax import checkpoint as ckpt_lib
 from ge2mst_jax import evaluation, train_lib
 from tests.test_train import ROOT, small_digits
 
+# The tests share a module fixture: one worker computes it once.
+pytestmark = pytest.mark.xdist_group("trained_digits")
+
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
