@@ -49,6 +49,7 @@ class ArchConfig:
   K: int = 2
   lam_init: float = 1.0
   quantizer: str = "compare"                  # level search: 'search' (binary) | 'compare' (same result)
+  emitter: str = "bits"                       # spike emission: 'bits' (vectorised) | 'scan' (IF loop; same spikes)
   dtype: str = "float32"                      # synaptic compute: 'float32' | 'bfloat16' | 'float64' (checks; x64)
   # Training paradigm: 'expg' (ExpG-IF quantizers, the paper) | 'stbp' (multi-step LIF + BPTT baseline).
   paradigm: str = "expg"
@@ -94,8 +95,8 @@ class ArchConfig:
   def neuron(self) -> dict:
     lif = dict(tau=self.lif_tau, threshold=self.lif_threshold, reset=self.lif_reset, surrogate=self.surrogate,
                surrogate_alpha=self.surrogate_alpha)
-    return dict(T=self.T, K=self.K, lam_init=self.lam_init, method=self.quantizer, paradigm=self.paradigm,
-                lif=lif)
+    return dict(T=self.T, K=self.K, lam_init=self.lam_init, method=self.quantizer, emitter=self.emitter,
+                paradigm=self.paradigm, lif=lif)
 
   @property
   def train_mode(self) -> str:

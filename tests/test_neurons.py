@@ -57,6 +57,8 @@ def test_spikes_decode_bitwise_to_quantizer(T, K, symmetric):
     q = quantize(x, lam, T, K, symmetric)
     spikes, thetas = emit(x, lam, T, K, symmetric)
     assert spikes.shape == (T, *x.shape)
+    # the vectorised emitter reads the digits the IF scan with soft reset fires
+    np.testing.assert_array_equal(spikes, nr.expg_spikes(x, lam, T, K, symmetric, emitter="scan")[0])
     allowed = {-1.0, 0.0, 1.0} if symmetric else {0.0, 1.0}
     assert set(np.unique(np.asarray(spikes)).tolist()) <= allowed
     code = np.tensordot(2 ** np.arange(T - 1, -1, -1), np.asarray(spikes), axes=1)
