@@ -215,6 +215,9 @@ def train_dataset(cfg, global_batch: int, seed: int, source: Sequence | None = N
   ds = ds.batch(local_batch_size(global_batch), drop_remainder=True)
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.get("read_threads", 2), prefetch_buffer_size=4))
   if cfg.get("workers", 0) > 0:
+    from absl import flags
+    if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; a library caller has parsed none
+      flags.FLAGS.mark_as_parsed()
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.workers))
   return it
 

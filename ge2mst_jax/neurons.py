@@ -138,6 +138,13 @@ def _sum_to_shape(g: jax.Array, shape) -> jax.Array:
   return jnp.sum(g, axis=axes, keepdims=True) if axes else g
 
 
+def _quantize_and_code(x, lam, T, K, symmetric, method):
+  """`(Q(x), |code|)`: the quantizer's output and the unsigned integer code it was made from."""
+  code = expg_code(jnp.abs(x) if symmetric else x, lam, T, K, method)
+  signed = jnp.sign(x).astype(jnp.int32) * code if symmetric else code
+  return signed.astype(x.dtype) * code_scale(lam, T, K, x.dtype), code
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
 def expg_quantize(x, lam, T: int, K: int, symmetric: bool = False, method: str = "search"):
   """`Q(x) = lam * nearest_L(clip(x / lam, 0, 1))` (symmetric: `sign(x) Q(|x|)`).
@@ -146,21 +153,24 @@ def expg_quantize(x, lam, T: int, K: int, symmetric: bool = False, method: str =
   Gradient: straight-through for `x` inside the clip range, zero outside; for
   `lam` the LSQ/QCFS form `q - x/lam` inside and `1` (times sign) above it.
   """
-  return (_signed_code(x, lam, T, K, symmetric, method).astype(x.dtype)
-          * code_scale(lam, T, K, x.dtype))
+  return _quantize_and_code(x, lam, T, K, symmetric, method)[0]
 
 
 def _quantize_fwd(x, lam, T, K, symmetric, method):
-  return expg_quantize(x, lam, T, K, symmetric, method), (x, lam)
+  # The backward pass needs |code|: kept as one byte (T <= 8) rather than searched for
+  # again, so the backward costs the same whatever the number of levels.
+  out, code = _quantize_and_code(x, lam, T, K, symmetric, method)
+  store = jnp.uint8 if expg_levels(T, K).Z <= 255 else jnp.uint16
+  return out, (x, lam, code.astype(store))
 
 
 def _quantize_bwd(T, K, symmetric, method, res, g):
-  x, lam = res
+  x, lam, code = res
   lam_b = jnp.asarray(lam, x.dtype)
   a = jnp.abs(x) if symmetric else x
   sign = jnp.sign(x) if symmetric else jnp.ones_like(x)
   inside = (a >= 0) & (a <= lam_b)
-  q = expg_code(a, lam, T, K, method).astype(x.dtype) * jnp.asarray(1.0 / expg_levels(T, K).Z, x.dtype)
+  q = code.astype(x.dtype) * jnp.asarray(1.0 / expg_levels(T, K).Z, x.dtype)
   dlam = jnp.where(inside, q - a / lam_b, jnp.where(a > lam_b, 1.0, 0.0)) * sign
   gx = jnp.where(inside, g, jnp.zeros_like(g))
   glam = _sum_to_shape((g * dlam).astype(jnp.result_type(lam)), jnp.shape(lam))
