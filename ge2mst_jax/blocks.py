@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ge2mst_jax.neurons import SpikeStats, SpikeTrain, make_neuron, step_bases
+from ge2mst_jax.neurons import SpikeStats, SpikeTrain, make_neuron, weighted_step_sum
 
 _DN = ("NHWC", "HWIO", "NHWC")
 _kernel_init = nnx.initializers.variance_scaling(2.0, "fan_in", "truncated_normal")
@@ -61,8 +61,7 @@ def integrate_steps(per_step: jax.Array, scale: jax.Array) -> jax.Array:
   The scale is the presynaptic `lam / Z`; it is folded into the next threshold on
   hardware, so the per-step work stays additions.
   """
-  bases = jnp.asarray(step_bases(per_step.shape[0]), per_step.dtype)
-  return jnp.tensordot(bases, per_step, axes=1) * scale.astype(per_step.dtype)
+  return weighted_step_sum(per_step) * scale.astype(per_step.dtype)
 
 
 def spike_sops_conv(spikes: jax.Array, kernel_shape, stride: int, groups: int) -> jax.Array:

@@ -183,6 +183,15 @@ expg_quantize.defvjp(_quantize_fwd, _quantize_bwd)
 # ----------------------------------------------------------------------------
 # Inference: the spike emitter
 # ----------------------------------------------------------------------------
+def weighted_step_sum(per_step: jax.Array) -> jax.Array:
+  """`sum_t 2^(T-t) per_step[t]`, Horner's rule over the leading time axis: one doubling and
+  one add a step, elementwise (a tensordot over T costs XLA a transpose copy on CPU)."""
+  acc = per_step[0]
+  for t in range(1, per_step.shape[0]):
+    acc = acc * 2 + per_step[t]
+  return acc
+
+
 class SpikeTrain(NamedTuple):
   """What a spiking neuron layer hands to the next synaptic layer.
 
@@ -198,8 +207,7 @@ class SpikeTrain(NamedTuple):
 
   def code(self) -> jax.Array:
     """Integer code `sum_t 2^(T-t) s_t`, exact (shifts and adds)."""
-    bases = jnp.asarray(step_bases(self.T), self.spikes.dtype)
-    return jnp.tensordot(bases, self.spikes, axes=1)
+    return weighted_step_sum(self.spikes)
 
   def decode(self) -> jax.Array:
     """`code * scale`: bitwise the quantizer's output for the emitting neuron's input."""
