@@ -1,5 +1,6 @@
 """What every benchmark shares: the machine's own matmul rate, a jitted train step on
 synthetic data, timing, and the JSON record with the machine, device, versions and date."""
+import argparse
 import datetime
 import json
 import os
@@ -17,6 +18,14 @@ from configs import common as config_common
 from ge2mst_jax import models, sharding as shd, train_lib
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def arg_parser(doc: str) -> argparse.ArgumentParser:
+  """A benchmark's command line, with the options every benchmark has: --smoke and --out."""
+  p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat: checks the script runs")
+  p.add_argument("--out", default=RESULTS, help="directory of the JSON result")
+  return p
 
 
 def matmul_rate(n: int, dtype=jnp.float32, repeats: int = 5) -> float:

@@ -9,7 +9,6 @@ pass on the decoded activations, spike mode as T binary (ternary) spike steps th
 every synaptic layer with BatchNorm folded in, exactly as a spiking chip would. SOPs are
 counted from the spikes of the same images; FLOPs are the dense pass's MACs x 2.
 """
-import argparse
 
 import bench_lib
 import jax
@@ -42,14 +41,12 @@ def bench(name: str, batch: int, T: int, K: int, steps: int, image_size: int | N
 
 
 def main():
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = bench_lib.arg_parser(__doc__)
   p.add_argument("--models", default="ge2mst_tiny,ge2mst_small")
   p.add_argument("--batch", default="64,8", help="one batch size per model")
   p.add_argument("--T", type=int, default=4)
   p.add_argument("--K", type=int, default=2)
   p.add_argument("--steps", type=int, default=5)
-  p.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat: checks the script runs")
-  p.add_argument("--out", default=bench_lib.RESULTS)
   a = p.parse_args()
   names, batches = a.models.split(","), [int(b) for b in a.batch.split(",")]
   size = None

@@ -10,7 +10,6 @@ seeded shuffle -> random-resized crop -> flip -> RandAugment(2, 9) -> normalise 
 with `workers` processes (0: in the main process). The train step's consumption rate is
 measured on the same machine in the same run.
 """
-import argparse
 import time
 
 import bench_lib
@@ -31,7 +30,7 @@ def pipeline_rate(cfg, source, batch: int, workers: int, batches: int) -> float:
 
 
 def main():
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = bench_lib.arg_parser(__doc__)
   p.add_argument("--image_size", type=int, default=224)
   p.add_argument("--source_hw", default="375,500")
   p.add_argument("--records", type=int, default=512)
@@ -41,8 +40,6 @@ def main():
   p.add_argument("--model", default="ge2mst_small")
   p.add_argument("--step_batch", type=int, default=16)
   p.add_argument("--steps", type=int, default=3)
-  p.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat: checks the script runs")
-  p.add_argument("--out", default=bench_lib.RESULTS)
   a = p.parse_args()
   if a.smoke:
     a.image_size, a.source_hw, a.records, a.batch, a.batches, a.workers = 32, "40,48", 32, 8, 2, "0"

@@ -11,7 +11,6 @@ temporaries alone, which hold the activations kept for the backward pass), and t
 image of the spiking network each paradigm runs at inference, counted from the spikes of
 the same synthetic images at initialisation. ExpG-IF uses K = min(2, T).
 """
-import argparse
 
 import bench_lib
 
@@ -34,7 +33,7 @@ def bench(paradigm: str, T: int, a) -> dict:
 
 
 def main():
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = bench_lib.arg_parser(__doc__)
   p.add_argument("--model", default="ge2mst_tiny")
   p.add_argument("--image_size", type=int, default=None, help="default: the model's own")
   p.add_argument("--batch", type=int, default=32)
@@ -42,8 +41,6 @@ def main():
   p.add_argument("--paradigms", default="expg,stbp")
   p.add_argument("--steps", type=int, default=5)
   p.add_argument("--sop_images", type=int, default=16)
-  p.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat: checks the script runs")
-  p.add_argument("--out", default=bench_lib.RESULTS)
   a = p.parse_args()
   Ts = [int(t) for t in a.Ts.split(",")]
   if a.smoke:

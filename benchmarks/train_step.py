@@ -9,7 +9,6 @@ x 3 (forward + backward), the usual convention. The matmul rate is a large float
 bf16) `jnp.dot` through JAX on the same devices, measured in the same run; their ratio is
 the figure we optimise, since absolute times vary from machine to machine.
 """
-import argparse
 
 import bench_lib
 import jax.numpy as jnp
@@ -29,14 +28,12 @@ def bench_model(name: str, batch: int, steps: int, dtype: str) -> dict:
 
 
 def main():
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = bench_lib.arg_parser(__doc__)
   p.add_argument("--models", default="ge2mst_tiny,ge2mst_small")
   p.add_argument("--batch", default="64,16", help="one batch size per model")
   p.add_argument("--steps", type=int, default=5)
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   p.add_argument("--matmul_n", type=int, default=2048)
-  p.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat: checks the script runs")
-  p.add_argument("--out", default=bench_lib.RESULTS)
   a = p.parse_args()
   names, batches = a.models.split(","), [int(b) for b in a.batch.split(",")]
   if a.smoke:
