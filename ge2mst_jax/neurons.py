@@ -227,7 +227,7 @@ def expg_spikes(x, lam, T: int, K: int, symmetric: bool = False, method: str = "
   same spikes off the code's binary digits at once: a power-of-two threshold with
   soft reset fires on step t iff bit T-t of the membrane is set, so the two are
   identical, and the vectorised form avoids the scan's loop and stacking copies
-  (3x faster spike-mode inference on CPU). Returns `(spikes, thetas)`; `spikes` has
+  (2x faster spike-mode inference on CPU). Returns `(spikes, thetas)`; `spikes` has
   shape `(T, *x.shape)` and `thetas[t] = lam * 2^(T-t) / Z`.
   """
   code = _signed_code(x, lam, T, K, symmetric, method)
