@@ -1,11 +1,13 @@
 """The STBP baseline paradigm: LIF dynamics, gradients through time, training on digits."""
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from ge2mst_jax import energy, models, stbp, train_lib
+from ge2mst_jax import energy, evaluation, models, stbp, train_lib
 from tests.test_train import read_metrics, small_digits
 
 
@@ -93,3 +95,13 @@ def test_stbp_paradigm_trains_on_digits(tmp_path):
   losses = [r["loss"] for r in read_metrics(tmp_path)]
   assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])
   assert "accuracy_stbp" in out and "accuracy_quantize" not in out and out["accuracy_stbp"] > 0.2
+
+
+def test_stbp_checkpoint_evaluates_with_its_energy_report(tmp_path):
+  cfg = small_digits(3, **{"model.arch.paradigm": "stbp", "model.arch.T": 2})
+  train_lib.train_and_evaluate(cfg, str(tmp_path), quiet=True)
+  rep = evaluation.evaluate_checkpoint(cfg, str(tmp_path / "checkpoints"), energy_images=8)
+  assert rep["paradigm"] == "stbp" and 0 <= rep["accuracy_stbp"] <= 1 and rep["accuracy_spike"] is None
+  assert rep["sops_per_image"] > 0 and rep["macs_per_image"] > 0
+  files = evaluation.write_report(rep, str(tmp_path / "eval"))
+  assert "| accuracy stbp |" in open(files["md"]).read() and os.path.exists(files["plots"][0])
