@@ -24,10 +24,10 @@ def bench(paradigm: str, T: int, a) -> dict:
   dt = ts.run(a.steps)
   images = bench_lib.synthetic_batch(a.sop_images, cfg.data.image_size, 10, seed=1)["image"]
   rep = energy.energy_report(ts.model(), images)
+  mem = ts.memory()
   return {"paradigm": paradigm, "T": T, "K": arch["K"] if paradigm == "expg" else None, "model": a.model,
           "image_size": cfg.data.image_size, "batch": a.batch, "step_s": dt, "images_per_s": a.batch / dt,
-          **ts.memory(), "peak_mib": ts.memory()["peak_bytes"] / 2 ** 20,
-          "temp_mib": ts.memory()["temp_bytes"] / 2 ** 20, "compile_s": ts.compile_s,
+          **mem, "peak_mib": mem["peak_bytes"] / 2 ** 20, "temp_mib": mem["temp_bytes"] / 2 ** 20, "compile_s": ts.compile_s,
           "sops_per_image": rep["sops_per_image"], "msops_per_image": rep["sops_per_image"] / 1e6,
           "mean_firing_rate": rep["mean_firing_rate"]}
 

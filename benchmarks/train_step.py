@@ -21,9 +21,10 @@ def bench_model(name: str, batch: int, steps: int, dtype: str) -> dict:
   dt = ts.run(steps)
   size = ts.cfg.data.image_size
   macs = energy.model_macs(ts.model(), (size, size, 3))["macs_per_image"]
+  flops = macs * 2 * 3 * batch / dt   # forward MACs x (multiply + add) x (forward + backward)
   return {"model": name, "image_size": size, "batch": batch, "dtype": dtype, "step_s": dt,
-          "images_per_s": batch / dt, "model_flops_per_s": macs * 2 * 3 * batch / dt,
-          "model_gflops_per_s": macs * 2 * 3 * batch / dt / 1e9, "macs_per_image": macs,
+          "images_per_s": batch / dt, "model_flops_per_s": flops, "model_gflops_per_s": flops / 1e9,
+          "macs_per_image": macs,
           "compile_s": ts.compile_s, **ts.memory()}
 
 
