@@ -76,15 +76,15 @@ class TrainStep:
 
   def run(self, steps: int) -> float:
     """Median seconds per step over `steps` steps, after one warm-up step."""
+    self.step_once()
+    return float(np.median([self.step_once() for _ in range(steps)]))
+
+  def step_once(self) -> float:
+    """Seconds of one train step, waiting for its metrics."""
+    t = time.perf_counter()
     self.state, m = self.compiled(self.state, self.batch)
     jax.block_until_ready(m)
-    times = []
-    for _ in range(steps):
-      t = time.perf_counter()
-      self.state, m = self.compiled(self.state, self.batch)
-      jax.block_until_ready(m)
-      times.append(time.perf_counter() - t)
-    return float(np.median(times))
+    return time.perf_counter() - t
 
   def memory(self) -> dict:
     """XLA's compiled memory analysis (deterministic): bytes of arguments, outputs, temporaries."""
@@ -99,6 +99,20 @@ class TrainStep:
     model, _ = nnx.merge(self.setup.graphdef, self.state)
     model.eval()
     return model
+
+
+def interleaved_medians(steppers: list, rounds: int, per_round: int = 2) -> list:
+  """Median seconds of each of `steppers` (callables timing one step), timed in turn, round after
+  round: drift in the machine's speed (a shared VM drifts by 10-20 % over minutes) then falls on
+  every configuration alike instead of biasing the ratios between them. Within a round each
+  configuration first takes one untimed step: the first step after another configuration ran
+  pays for its caches and freshly mapped memory (measured: up to 2x for a small step after a big one)."""
+  times = [[] for _ in steppers]
+  for _ in range(rounds):
+    for ts, step in zip(times, steppers):
+      step()
+      ts.extend(step() for _ in range(per_round))
+  return [float(np.median(t)) for t in times]
 
 
 def record(name: str, rows: list, smoke: bool, out_dir: str, **extra) -> str:

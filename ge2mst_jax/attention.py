@@ -133,7 +133,7 @@ def _product(spec, a, b, mode, owner, name, collect, scales=None):
 
 def _tokens(x, fn):
   """Applies an array function to a real tensor or to each spike step of a SpikeTrain."""
-  return SpikeTrain(fn(x.spikes), x.scale) if isinstance(x, SpikeTrain) else fn(x)
+  return x.replace(spikes=fn(x.spikes)) if isinstance(x, SpikeTrain) else fn(x)
 
 
 # ----------------------------------------------------------------------------

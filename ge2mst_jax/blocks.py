@@ -4,7 +4,8 @@ Every synaptic layer runs in two modes with one set of weights:
 - `quantize`: `BN(conv(x))` on real activations (the quantizer outputs), training path;
 - `spike`: consumes a `SpikeTrain`; BatchNorm is folded into the kernel and bias, the
   folded kernel acts on each binary (or ternary) step `s_t` (additions only), and the
-  post-synaptic neuron integrates `sum_t theta_t (W s_t) + b`;
+  post-synaptic neuron integrates `sum_t theta_t (W s_t) + b` (with the train's
+  `integration='code'`, `W (sum_t theta_t s_t) + b`: the same sum regrouped, one pass);
 - `stbp`: the baseline paradigm (`stbp.py`): `(T, B, ...)` LIF spikes, time folded into the
   batch, `BN(conv(s_t))` for every step, as multi-step STBP layers compute it.
 
@@ -116,10 +117,15 @@ class SynapticConv(nnx.Module):
       if not isinstance(x, SpikeTrain):
         raise TypeError("SynapticConv in spike mode consumes a SpikeTrain (the output of an ExpG-IF layer).")
       w, b = self.folded()
-      T, B = x.spikes.shape[:2]
-      s = x.spikes.reshape(T * B, *x.spikes.shape[2:]).astype(self.dtype)
-      y = conv2d(s, w.astype(self.dtype), self.stride, self.groups).astype(self.acc_dtype)
-      y = integrate_steps(y.reshape(T, B, *y.shape[1:]), x.scale) + b.astype(self.acc_dtype)
+      if x.integration == "code":
+        # Linear in its input: W (sum_t theta_t s_t) = sum_t theta_t (W s_t), one pass instead of T.
+        y = conv2d(x.code().astype(self.dtype), w.astype(self.dtype), self.stride, self.groups)
+        y = y.astype(self.acc_dtype) * x.scale.astype(self.acc_dtype) + b.astype(self.acc_dtype)
+      else:
+        T, B = x.spikes.shape[:2]
+        s = x.spikes.reshape(T * B, *x.spikes.shape[2:]).astype(self.dtype)
+        y = conv2d(s, w.astype(self.dtype), self.stride, self.groups).astype(self.acc_dtype)
+        y = integrate_steps(y.reshape(T, B, *y.shape[1:]), x.scale) + b.astype(self.acc_dtype)
       if collect:
         self.sow(SpikeStats, "sops", spike_sops_conv(x.spikes, self.kernel.shape, self.stride, self.groups))
         self.sow(SpikeStats, "macs", jnp.asarray(self._macs(y.shape), jnp.float32))

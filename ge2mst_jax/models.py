@@ -20,7 +20,7 @@ from flax import nnx
 
 from ge2mst_jax.attention import AttentionBlock, check_divisible
 from ge2mst_jax.blocks import SFFN, EventFrameAdapter, SConv, Stem, SynapticConv
-from ge2mst_jax.neurons import PARADIGMS, check_tk, make_neuron
+from ge2mst_jax.neurons import INTEGRATIONS, PARADIGMS, check_tk, make_neuron
 from ge2mst_jax.stbp import RESETS, SURROGATES
 
 MODES = ("quantize", "spike", "stbp")
@@ -50,6 +50,9 @@ class ArchConfig:
   lam_init: float = 1.0
   quantizer: str = "compare"                  # level search: 'search' (binary) | 'compare' (same result)
   emitter: str = "bits"                       # spike emission: 'bits' (vectorised) | 'scan' (IF loop; same spikes)
+  # Spike-mode synapses: 'steps' (each layer on every binary step, then integrated, as a chip does) |
+  # 'code' (each layer once on the decoded train: the same linear sum regrouped, ~T x less work).
+  spike_integration: str = "steps"
   dtype: str = "float32"                      # synaptic compute: 'float32' | 'bfloat16' | 'float64' (checks; x64)
   # Training paradigm: 'expg' (ExpG-IF quantizers, the paper) | 'stbp' (multi-step LIF + BPTT baseline).
   paradigm: str = "expg"
@@ -69,6 +72,8 @@ class ArchConfig:
     if self.paradigm == "stbp" and (self.lif_reset not in RESETS or self.surrogate not in SURROGATES):
       raise ValueError(f"STBP options lif_reset={self.lif_reset!r}, surrogate={self.surrogate!r}: use one of "
                        f"{RESETS} and one of {SURROGATES}.")
+    if self.spike_integration not in INTEGRATIONS:
+      raise ValueError(f"ArchConfig.spike_integration={self.spike_integration!r}: use one of {INTEGRATIONS}.")
     if self.dtype not in ("float32", "bfloat16", "float64"):
       raise ValueError(f"ArchConfig.dtype={self.dtype!r}: use 'float32', 'bfloat16' or 'float64'.")
     if self.dtype == "float64" and not jax.config.jax_enable_x64:
@@ -96,7 +101,7 @@ class ArchConfig:
     lif = dict(tau=self.lif_tau, threshold=self.lif_threshold, reset=self.lif_reset, surrogate=self.surrogate,
                surrogate_alpha=self.surrogate_alpha)
     return dict(T=self.T, K=self.K, lam_init=self.lam_init, method=self.quantizer, emitter=self.emitter,
-                paradigm=self.paradigm, lif=lif)
+                integration=self.spike_integration, paradigm=self.paradigm, lif=lif)
 
   @property
   def train_mode(self) -> str:

@@ -15,6 +15,7 @@ import functools
 import itertools
 from typing import NamedTuple
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -192,14 +193,24 @@ def weighted_step_sum(per_step: jax.Array) -> jax.Array:
   return acc
 
 
-class SpikeTrain(NamedTuple):
+INTEGRATIONS = ("steps", "code")
+
+
+@flax.struct.dataclass
+class SpikeTrain:
   """What a spiking neuron layer hands to the next synaptic layer.
 
   spikes: `(T, *shape)`, values in {0, 1} ({-1, 0, 1} when symmetric), dtype of the input.
   scale: `lam / Z`; step t's post-firing threshold is `theta_t = scale * 2^(T-t)`.
+  integration: how the next synaptic layer consumes the train (static). 'steps': it is applied
+  to every binary step and the T outputs are integrated with `theta_t`, as a spiking chip
+  computes. 'code': it is applied once to the decoded train `sum_t theta_t s_t`; the layer is
+  linear, so this is the same sum in another order (float rounding aside), T times less work.
+  Either way the spikes are emitted and counted; only the synaptic arithmetic is regrouped.
   """
   spikes: jax.Array
   scale: jax.Array
+  integration: str = flax.struct.field(pytree_node=False, default="steps")
 
   @property
   def T(self) -> int:
@@ -316,14 +327,18 @@ class ExpGIF(nnx.Module):
   """
 
   def __init__(self, T: int = 4, K: int = 2, symmetric: bool = False, lam_init: float = 1.0,
-               method: str = "search", emitter: str = "bits", *, rngs: nnx.Rngs | None = None):
+               method: str = "search", emitter: str = "bits", integration: str = "steps", *,
+               rngs: nnx.Rngs | None = None):
     del rngs  # deterministic init; the argument keeps the NNX constructor convention.
     check_tk(T, K)
     if lam_init <= 0:
       raise ValueError(f"ExpG-IF lam_init={lam_init} must be > 0.")
     if emitter not in EMITTERS:
       raise ValueError(f"Unknown spike emitter {emitter!r}: use one of {EMITTERS}.")
+    if integration not in INTEGRATIONS:
+      raise ValueError(f"Unknown spike integration {integration!r}: use one of {INTEGRATIONS}.")
     self.T, self.K, self.symmetric, self.method, self.emitter = T, K, symmetric, method, emitter
+    self.integration = integration
     self.lam = nnx.Param(jnp.asarray(lam_init, jnp.float32))
 
   def threshold(self) -> jax.Array:
@@ -343,7 +358,7 @@ class ExpGIF(nnx.Module):
       if collect:
         self.sow(SpikeStats, "spike_count", jnp.sum(jnp.abs(spikes), dtype=jnp.float32))
         self.sow(SpikeStats, "neurons", jnp.asarray(x.size, jnp.float32))
-      return SpikeTrain(spikes, code_scale(lam, self.T, self.K, x.dtype))
+      return SpikeTrain(spikes, code_scale(lam, self.T, self.K, x.dtype), self.integration)
     if mode == "stbp":
       raise ValueError("mode='stbp' needs LIF neurons: build the network with paradigm='stbp'.")
     raise ValueError(f"Unknown neuron mode {mode!r}: use 'quantize' or 'spike'.")

@@ -15,7 +15,8 @@ ROW_KEYS = {
                    "macs_per_image", "fraction_of_matmul_rate", "peak_bytes", "temp_bytes"},
     "paradigms": {"paradigm", "T", "K", "step_s", "images_per_s", "peak_bytes", "temp_bytes", "time_vs_T1",
                   "memory_vs_T1", "sops_per_image", "mean_firing_rate"},
-    "inference": {"model", "T", "K", "quantize_s", "spike_s", "spike_over_quantize", "sops_per_image",
+    "inference": {"model", "T", "K", "quantize_s", "spike_s", "spike_over_quantize", "spike_code_s",
+                  "spike_code_over_quantize", "code_vs_steps_max_abs_logit_diff", "sops_per_image",
                   "flops_per_image", "sops_over_flops"},
     "input_pipeline": {"stage", "batch", "images_per_s", "vs_train_step"},
 }

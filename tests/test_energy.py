@@ -41,6 +41,24 @@ def test_conv_sops_respect_borders_stride_and_groups():
   assert _layer_sops(strided, train)["sops"] == (1 + 4) * 3
 
 
+@pytest.mark.parametrize("kernel,stride,groups", [(1, 1, 1), (3, 2, 1), (3, 1, 6)])
+def test_code_integration_same_sum_and_same_sops(kernel, stride, groups):
+  """`integration='code'` regroups `sum_t theta_t (W s_t)` as `W (sum_t theta_t s_t)`: the same
+  output up to float rounding, and the same SOPs, which are counted from the spikes."""
+  layer = blocks.SynapticConv(6, 6, kernel, stride, groups, rngs=nnx.Rngs(0))
+  layer.eval()
+  rng = np.random.default_rng(0)
+  spikes = jnp.asarray(rng.choice([-1.0, 0.0, 1.0], size=(4, 2, 7, 7, 6), p=[0.2, 0.5, 0.3]), jnp.float32)
+  steps = _layer_sops(layer, SpikeTrain(spikes, jnp.float32(0.125)))
+  code = _layer_sops(layer, SpikeTrain(spikes, jnp.float32(0.125), "code"))
+  assert steps == code and steps["sops"] > 0
+  y_steps = layer(SpikeTrain(spikes, jnp.float32(0.125)), mode="spike")
+  y_code = layer(SpikeTrain(spikes, jnp.float32(0.125), "code"), mode="spike")
+  assert y_code.shape == y_steps.shape
+  np.testing.assert_allclose(y_code, y_steps, rtol=1e-5, atol=1e-5)
+  assert float(jnp.max(jnp.abs(y_steps))) > 0.1
+
+
 def test_spike_product_sops_count_spike_pairs():
   a = np.zeros((2, 1, 2, 3), np.float32)   # T=2, batch 1, 2 tokens, 3 channels
   b = np.zeros((2, 1, 2, 3), np.float32)

@@ -92,6 +92,7 @@ VARIANTS = {
     "tiny": dict(),
     "tiny_exp_if_T3_fullconv": dict(T=3, K=1, conv_branch="full"),
     "tiny_binary_T2_search": dict(T=2, K=2, quantizer="search", global_frac=0.25),
+    "tiny_code_integration": dict(spike_integration="code"),
 }
 
 
@@ -187,6 +188,8 @@ def test_create_model_errors_and_shapes():
     model(jnp.zeros((2, 30, 30, 3)))
   with pytest.raises(ValueError, match="Unknown mode"):
     model(jnp.zeros((1, 32, 32, 3)), mode="ann")
+  with pytest.raises(ValueError, match=r"spike_integration='chip': use one of \('steps', 'code'\)"):
+    models.create_model("ge2mst_tiny", spike_integration="chip")
   assert model(jnp.zeros((2, 32, 32, 3))).shape == (2, 7)
 
 
