@@ -20,7 +20,7 @@ from flax import nnx
 
 from ge2mst_jax.attention import AttentionBlock, check_divisible
 from ge2mst_jax.blocks import SFFN, EventFrameAdapter, SConv, Stem, SynapticConv
-from ge2mst_jax.neurons import INTEGRATIONS, PARADIGMS, check_tk, make_neuron
+from ge2mst_jax.neurons import INTEGRATIONS, METHODS, PARADIGMS, check_tk, make_neuron
 from ge2mst_jax.stbp import RESETS, SURROGATES
 
 MODES = ("quantize", "spike", "stbp")
@@ -48,7 +48,9 @@ class ArchConfig:
   T: int = 4
   K: int = 2
   lam_init: float = 1.0
-  quantizer: str = "compare"                  # level search: 'search' (binary) | 'compare' (same result)
+  # Level search, one result: 'search' (binary) | 'compare' (a chain over the |L|-1 thresholds; fastest
+  # on CPU up to T=8) | 'arith' (bit arithmetic, cost flat in T; faster on CPU from T of about 10, K=2).
+  quantizer: str = "compare"
   emitter: str = "bits"                       # spike emission: 'bits' (vectorised) | 'scan' (IF loop; same spikes)
   # Spike-mode synapses: 'steps' (each layer on every binary step, then integrated, as a chip does) |
   # 'code' (each layer once on the decoded train: the same linear sum regrouped, ~T x less work).
@@ -72,6 +74,8 @@ class ArchConfig:
     if self.paradigm == "stbp" and (self.lif_reset not in RESETS or self.surrogate not in SURROGATES):
       raise ValueError(f"STBP options lif_reset={self.lif_reset!r}, surrogate={self.surrogate!r}: use one of "
                        f"{RESETS} and one of {SURROGATES}.")
+    if self.quantizer not in METHODS:
+      raise ValueError(f"ArchConfig.quantizer={self.quantizer!r}: use one of {METHODS}.")
     if self.spike_integration not in INTEGRATIONS:
       raise ValueError(f"ArchConfig.spike_integration={self.spike_integration!r}: use one of {INTEGRATIONS}.")
     if self.dtype not in ("float32", "bfloat16", "float64"):

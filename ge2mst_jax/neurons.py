@@ -68,6 +68,11 @@ class LevelSet(NamedTuple):
     """The |L|-1 pre-firing thresholds (fractions of lambda): midpoints of adjacent levels."""
     return (self.codes[:-1] + self.codes[1:]) / (2.0 * self.Z)
 
+  @property
+  def doubled_thresholds(self) -> np.ndarray:
+    """The thresholds in doubled code units, `c_j + c_{j+1}`: exact integers."""
+    return self.codes[:-1] + self.codes[1:]
+
 
 @functools.lru_cache(maxsize=None)
 def expg_levels(T: int, K: int) -> LevelSet:
@@ -86,33 +91,84 @@ def expg_levels(T: int, K: int) -> LevelSet:
 # ----------------------------------------------------------------------------
 # The integer code and the quantizer
 # ----------------------------------------------------------------------------
+METHODS = ("search", "compare", "arith")
+
+
+def doubled_code_units(x: jax.Array, lam: jax.Array, Z: int) -> jax.Array:
+  """`x * (2Z / lam)` in at least float32: the input on the scale where the thresholds are the
+  integers `c_j + c_{j+1}`. One rounded product, shared by every method, so the comparisons
+  against exact integers give every method the same answer, eagerly and under any rewriting jit."""
+  dt = jnp.promote_types(x.dtype, jnp.float32)
+  return x.astype(dt) * (jnp.asarray(2 * Z, dt) / jnp.asarray(lam, dt))
+
+
 def expg_code(x: jax.Array, lam: jax.Array, T: int, K: int, method: str = "search") -> jax.Array:
   """Integer code (int32) of the level nearest to `clip(x / lam, 0, 1)`.
 
-  The level index is the number of pre-firing thresholds `lam * m_j` that `x` has
-  reached (ties round up), which clips implicitly. `method='search'` finds it by
-  binary search (`jnp.searchsorted`, the paper's inference rule, `lam` scalar);
-  `method='compare'` counts comparisons, which vectorises better on accelerators
-  and accepts a `lam` broadcastable to `x`. Both give the same integers.
+  The level index is the number of pre-firing thresholds `lam * m_j` that `x` has reached
+  (ties round up), which clips implicitly; compared as `x (2Z / lam) >= c_j + c_{j+1}`
+  (`doubled_code_units`). Three ways to find it, one result: `method='search'`, binary
+  search (`jnp.searchsorted`, the paper's inference rule); `'compare'`, counting
+  comparisons, elementwise and fusible, at a cost that grows with the |L|-1 thresholds
+  (24 at T=8, K=2); `'arith'`, the levels just below and above from the integer bits of the
+  input and one comparison with the threshold between them, a cost independent of T (for
+  K in {1, 2, T}; other K count comparisons). `lam` broadcasts against `x`.
   """
+  if method not in METHODS:
+    raise ValueError(f"Unknown expg_code method {method!r}: use one of {METHODS}.")
   ls = expg_levels(T, K)
-  lam = jnp.asarray(lam, x.dtype)
-  thr = lam[..., None] * jnp.asarray(ls.thresholds, x.dtype)
-  codes = jnp.asarray(ls.codes, jnp.int32)
+  v = doubled_code_units(x, lam, ls.Z)
+  if method == "arith" and (K in (1, 2) or K == T):
+    return _arith_code(v, T, K)
+  thr = jnp.asarray(ls.doubled_thresholds, v.dtype)
   if method == "search":
-    if thr.ndim != 1:
-      raise ValueError(f"expg_code(method='search') needs a scalar lam, got shape {lam.shape}: use method='compare'.")
-    idx = jnp.searchsorted(thr, x, side="right")
-  elif method == "compare":
-    # code = sum_j [x >= thr_j] * (c_{j+1} - c_j): elementwise and fusible, no gather.
-    steps = np.diff(ls.codes).astype(np.int32)
-    code = jnp.zeros(x.shape, jnp.int32)
-    for j in range(len(steps)):
-      code = code + jnp.where(x >= thr[..., j], steps[j], 0)
-    return code
-  else:
-    raise ValueError(f"Unknown expg_code method {method!r}: use 'search' or 'compare'.")
-  return codes[idx]
+    return jnp.asarray(ls.codes, jnp.int32)[jnp.searchsorted(thr, v, side="right")]
+  # code = sum_j [v >= thr_j] * (c_{j+1} - c_j): elementwise and fusible, no gather.
+  steps = np.diff(ls.codes).astype(np.int32)
+  code = jnp.zeros(v.shape, jnp.int32)
+  for j in range(len(steps)):
+    code = code + jnp.where(v >= thr[j], steps[j], 0)
+  return code
+
+
+def _top_bit(v: jax.Array) -> jax.Array:
+  """floor(log2 v) of int32 `0 < v < 2^24` from the exponent of its exact float32; -127 for 0."""
+  return (jax.lax.bitcast_convert_type(v.astype(jnp.float32), jnp.int32) >> 23) - 127
+
+
+def _pow2(p: jax.Array) -> jax.Array:
+  """2^p for int32 p >= 0, 0 where p < 0."""
+  return jnp.where(p >= 0, jnp.left_shift(1, jnp.maximum(p, 0)), 0)
+
+
+def _arith_code(v, T: int, K: int):
+  """The nearest-level code of doubled code units `v`, for K in {1, 2, T}, without a search.
+
+  A level of ExpG(T, K) is a T-bit integer with at most one set bit in each class of bit
+  positions mod K. The largest level `lo <= floor(v / 2)` (clipped to [0, Z]) is greedy in
+  the bits of that integer, its successor `hi` follows from lo's bits, and the threshold
+  between them, the integer `lo + hi`, picks one: the comparison chain's answer exactly.
+  """
+  Z = expg_levels(T, K).Z
+  w = v * 0.5
+  n = jnp.where(w > 0, jnp.minimum(w, Z), 0).astype(jnp.int32)   # NaN and negatives: 0, like the chain
+  top = _top_bit(n)
+  a = jnp.maximum(top, 0)
+  if K == T:                                           # every integer is a level
+    lo, hi = n, jnp.minimum(n + 1, Z)
+  elif K == 1:                                         # 0 and the powers of two
+    lo = _pow2(top)
+    hi = jnp.where(n == 0, 1, jnp.where(a + 1 <= T - 1, _pow2(a + 1), lo))
+  else:                                                # K == 2: at most one odd and one even bit
+    same = jnp.where((a & 1) == 0, 0x55555555, -0x55555556)  # the positions of a's parity
+    other_top = _top_bit(n & ~same)
+    conflict = _top_bit((n - _pow2(top)) & same)       # next bit of a's parity: take one below it
+    b = jnp.maximum(other_top, conflict - 1)
+    lo = jnp.where(n == 0, 0, _pow2(a) + _pow2(b))
+    single = jnp.where(a == 0, 2, _pow2(a) + _pow2(1 - (a & 1)))
+    pair = jnp.where(b + 2 < a, _pow2(a) + _pow2(b + 2), jnp.where(a + 1 <= T - 1, _pow2(a + 1), lo))
+    hi = jnp.where(n == 0, 1, jnp.where(b >= 0, pair, single))
+  return jnp.where(v >= (lo + hi).astype(v.dtype), hi, lo)
 
 
 def code_scale(lam: jax.Array, T: int, K: int, dtype=jnp.float32) -> jax.Array:

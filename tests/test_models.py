@@ -92,7 +92,7 @@ VARIANTS = {
     "tiny": dict(),
     "tiny_exp_if_T3_fullconv": dict(T=3, K=1, conv_branch="full"),
     "tiny_binary_T2_search": dict(T=2, K=2, quantizer="search", global_frac=0.25),
-    "tiny_code_integration": dict(spike_integration="code"),
+    "tiny_code_integration_T8_arith": dict(spike_integration="code", T=8, quantizer="arith"),
 }
 
 
@@ -190,6 +190,8 @@ def test_create_model_errors_and_shapes():
     model(jnp.zeros((1, 32, 32, 3)), mode="ann")
   with pytest.raises(ValueError, match=r"spike_integration='chip': use one of \('steps', 'code'\)"):
     models.create_model("ge2mst_tiny", spike_integration="chip")
+  with pytest.raises(ValueError, match=r"quantizer='bisect': use one of \('search', 'compare', 'arith'\)"):
+    models.create_model("ge2mst_tiny", quantizer="bisect")
   assert model(jnp.zeros((2, 32, 32, 3))).shape == (2, 7)
 
 

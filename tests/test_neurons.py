@@ -101,8 +101,34 @@ def test_exp_if_fires_at_most_once():
 def test_search_and_compare_methods_agree():
   x = _probe_inputs(0.8, 6, 3)
   np.testing.assert_array_equal(nr.expg_code(x, 0.8, 6, 3, "search"), nr.expg_code(x, 0.8, 6, 3, "compare"))
-  with pytest.raises(ValueError, match="method='compare'"):
-    nr.expg_code(x[:4], jnp.ones((4,)), 6, 3, "search")
+  lam = jnp.linspace(0.5, 2.0, x.shape[0])   # a threshold per element
+  np.testing.assert_array_equal(nr.expg_code(x, lam, 6, 3, "search"), nr.expg_code(x, lam, 6, 3, "compare"))
+  with pytest.raises(ValueError, match="Unknown expg_code method 'bisect'"):
+    nr.expg_code(x, 0.8, 6, 3, "bisect")
+
+
+ARITH_TK = [(T, K) for T in range(1, 17) for K in sorted({1, 2, T}) if K <= T and (K <= 2 or T <= 8)]
+
+
+@pytest.mark.parametrize("T,K", ARITH_TK)
+def test_arithmetic_level_search_equals_comparison_chain(T, K):
+  """The bit-arithmetic search gives the chain's integers everywhere: random values, values a
+  float step either side of every threshold and level, clipping, NaN and infinities, scalar
+  or per-element lam, under jit (which may rewrite arithmetic) and eagerly."""
+  xs = [_probe_inputs(lam, T, K, n=2000, seed=T) for lam in (0.37, 1.0, 3.3)]
+  x = jnp.concatenate(xs + [jnp.asarray([np.nan, -np.nan], jnp.float32)])
+  lams = jnp.concatenate([jnp.full((len(v),), lam, jnp.float32) for v, lam in zip(xs, (0.37, 1.0, 3.3))] +
+                         [jnp.ones((2,), jnp.float32)])
+  code = jax.jit(nr.expg_code, static_argnums=(2, 3, 4))
+  for lam in (lams, jnp.float32(0.37)):
+    want = code(x, lam, T, K, "compare")
+    np.testing.assert_array_equal(code(x, lam, T, K, "arith"), want)
+    np.testing.assert_array_equal(nr.expg_code(x, lam, T, K, "arith"), want)
+  assert set(np.unique(np.asarray(want))) == set(nr.expg_levels(T, K).codes.tolist())  # every level reached
+  if (T, K) == (8, 2):
+    with jax.enable_x64(True):
+      x64 = x.astype(jnp.float64) * (1 + 1e-12)   # values float32 cannot hold
+      np.testing.assert_array_equal(code(x64, 1.0, T, K, "arith"), code(x64, 1.0, T, K, "compare"))
 
 
 @pytest.mark.parametrize("symmetric", [False, True])
