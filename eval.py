@@ -11,6 +11,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from ge2mst_jax.cli import guard, load_config, parse_flags
+from ge2mst_jax.hugepages import reexec_with_huge_pages
 
 guard(lambda: config_flags.DEFINE_config_file("config", None, "Config file (default: the work directory's config.json).",
                                               lock_config=False))
@@ -57,5 +58,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  reexec_with_huge_pages()   # before JAX starts: XLA:CPU's buffers on transparent huge pages
   logging.set_verbosity(logging.WARNING)
   app.run(main, flags_parser=parse_flags)
