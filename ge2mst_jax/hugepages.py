@@ -5,7 +5,7 @@ threshold come fresh from the kernel at every call, and first touching them cost
 fault per 4 KiB: on the benchmark machine that was most of the time of the memory-bound
 work (writing a fresh 32 MiB array: 8.6 ms with 4 KiB pages, 1.0 ms without the faults).
 With `glibc.malloc.hugetlb=1` (glibc >= 2.35) malloc asks for transparent huge pages, 512x
-fewer faults: the `ge2mst_small` train step went from 2.58 s to 1.52 s. glibc reads its
+fewer faults: the `ge2mst_small` train step went from 2.58 s to 1.36-1.52 s. glibc reads its
 tunables only when a process starts, so `train.py`, `eval.py` and the benchmarks call
 `reexec_with_huge_pages()` before they start JAX. `GE2MST_HUGE_PAGES=0` opts out.
 """

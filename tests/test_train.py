@@ -47,7 +47,7 @@ def params_of(state):
 
 
 def test_short_digits_run_learns_and_evaluates_both_modes(tmp_path):
-  out = train_lib.train_and_evaluate(small_digits(40, small_net=False, **{"optimizer.lr": 0.4}), str(tmp_path), quiet=True)
+  out = train_lib.train_and_evaluate(small_digits(40, small_net=False, **{"optimizer.lr": 0.2}), str(tmp_path), quiet=True)
   losses = [r["loss"] for r in read_metrics(tmp_path)]
   assert len(losses) == 40
   assert np.mean(losses[-5:]) < 0.75 * np.mean(losses[:5])
