@@ -160,7 +160,8 @@ def _arith_code(v, T: int, K: int):
     lo = _pow2(top)
     hi = jnp.where(n == 0, 1, jnp.where(a + 1 <= T - 1, _pow2(a + 1), lo))
   else:                                                # K == 2: at most one odd and one even bit
-    same = jnp.where((a & 1) == 0, 0x55555555, -0x55555556)  # the positions of a's parity
+    # the positions of a's parity; int32 like n (an int64 mask under x64 crashed XLA:CPU's eager `&`)
+    same = jnp.where((a & 1) == 0, np.int32(0x55555555), np.int32(-0x55555556))
     other_top = _top_bit(n & ~same)
     conflict = _top_bit((n - _pow2(top)) & same)       # next bit of a's parity: take one below it
     b = jnp.maximum(other_top, conflict - 1)

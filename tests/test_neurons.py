@@ -129,6 +129,7 @@ def test_arithmetic_level_search_equals_comparison_chain(T, K):
     with jax.enable_x64(True):
       x64 = x.astype(jnp.float64) * (1 + 1e-12)   # values float32 cannot hold
       np.testing.assert_array_equal(code(x64, 1.0, T, K, "arith"), code(x64, 1.0, T, K, "compare"))
+      np.testing.assert_array_equal(nr.expg_code(x64, 1.0, T, K, "arith"), code(x64, 1.0, T, K, "compare"))
 
 
 @pytest.mark.parametrize("symmetric", [False, True])
