@@ -6,12 +6,12 @@ backpropagation through time) on the same network, for T in {1, 2, 4, 8}.
   python benchmarks/paradigms.py --smoke                          # used by the tests
 
 For each (paradigm, T): the median train-step time (every configuration is compiled first,
-then all are timed in turn, round after round (one untimed and two timed steps each), so that the machine's drift does not bias the
-ratios), the compiled step's memory from XLA's memory analysis (deterministic: arguments +
-outputs + temporaries - donated aliases, and the temporaries alone, which hold the
-activations kept for the backward pass), and the SOPs per image of the spiking network each
-paradigm runs at inference, counted from the spikes of the same synthetic images at
-initialisation. ExpG-IF uses K = min(2, T).
+then all are timed in turn, round after round, one untimed and two timed steps each, so that
+the machine's drift does not bias the ratios), the compiled step's memory from XLA's memory
+analysis (deterministic: arguments + outputs + temporaries - donated aliases, and the
+temporaries alone, which hold the activations kept for the backward pass), and the SOPs per
+image of the spiking network each paradigm runs at inference, counted from the spikes of the
+same synthetic images after the timing steps. ExpG-IF uses K = min(2, T).
 """
 
 import bench_lib

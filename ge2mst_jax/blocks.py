@@ -117,15 +117,12 @@ class SynapticConv(nnx.Module):
       if not isinstance(x, SpikeTrain):
         raise TypeError("SynapticConv in spike mode consumes a SpikeTrain (the output of an ExpG-IF layer).")
       w, b = self.folded()
-      if x.integration == "code":
-        # Linear in its input: W (sum_t theta_t s_t) = sum_t theta_t (W s_t), one pass instead of T.
-        y = conv2d(x.code().astype(self.dtype), w.astype(self.dtype), self.stride, self.groups)
-        y = y.astype(self.acc_dtype) * x.scale.astype(self.acc_dtype) + b.astype(self.acc_dtype)
-      else:
-        T, B = x.spikes.shape[:2]
-        s = x.spikes.reshape(T * B, *x.spikes.shape[2:]).astype(self.dtype)
-        y = conv2d(s, w.astype(self.dtype), self.stride, self.groups).astype(self.acc_dtype)
-        y = integrate_steps(y.reshape(T, B, *y.shape[1:]), x.scale) + b.astype(self.acc_dtype)
+      # 'code': the layer is linear, W (sum_t theta_t s_t) = sum_t theta_t (W s_t): one step, the code.
+      steps = x.code()[None] if x.integration == "code" else x.spikes
+      T, B = steps.shape[:2]
+      s = steps.reshape(T * B, *steps.shape[2:]).astype(self.dtype)
+      y = conv2d(s, w.astype(self.dtype), self.stride, self.groups).astype(self.acc_dtype)
+      y = integrate_steps(y.reshape(T, B, *y.shape[1:]), x.scale) + b.astype(self.acc_dtype)
       if collect:
         self.sow(SpikeStats, "sops", spike_sops_conv(x.spikes, self.kernel.shape, self.stride, self.groups))
         self.sow(SpikeStats, "macs", jnp.asarray(self._macs(y.shape), jnp.float32))

@@ -120,14 +120,13 @@ def expg_code(x: jax.Array, lam: jax.Array, T: int, K: int, method: str = "searc
   v = doubled_code_units(x, lam, ls.Z)
   if method == "arith" and (K in (1, 2) or K == T):
     return _arith_code(v, T, K)
-  thr = jnp.asarray(ls.doubled_thresholds, v.dtype)
+  thr = np.asarray(ls.doubled_thresholds, v.dtype)
   if method == "search":
-    return jnp.asarray(ls.codes, jnp.int32)[jnp.searchsorted(thr, v, side="right")]
+    return jnp.asarray(ls.codes, jnp.int32)[jnp.searchsorted(jnp.asarray(thr), v, side="right")]
   # code = sum_j [v >= thr_j] * (c_{j+1} - c_j): elementwise and fusible, no gather.
-  steps = np.diff(ls.codes).astype(np.int32)
   code = jnp.zeros(v.shape, jnp.int32)
-  for j in range(len(steps)):
-    code = code + jnp.where(v >= thr[j], steps[j], 0)
+  for t, step in zip(thr, np.diff(ls.codes).astype(np.int32)):
+    code = code + jnp.where(v >= t, step, 0)
   return code
 
 
