@@ -4,7 +4,6 @@
   python eval.py --workdir DIR --checkpoint DIR/checkpoints/best --sweep_T=2,4,8 --sweep_K=1,2
 Writes DIR/eval/report.json, report.md, sops.png and firing_rates.png.
 """
-import os
 import sys
 
 from absl import app, flags, logging
@@ -27,21 +26,26 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv
+  from etils import epath
+
   from ge2mst_jax import checkpoint as ckpt_lib
-  from ge2mst_jax import evaluation
-  from ge2mst_jax.export import read_config
+  from ge2mst_jax import evaluation, paths, sharding
 
   if not FLAGS.workdir and not FLAGS.checkpoint:
     sys.exit("eval.py: pass --workdir (a train.py work directory) or --checkpoint.")
-  workdir = FLAGS.workdir or os.path.dirname(os.path.abspath(FLAGS.checkpoint.rstrip("/")))
+  # Local paths or gs:// URLs alike.
+  workdir = paths.resolve(FLAGS.workdir) if FLAGS.workdir else paths.resolve(FLAGS.checkpoint.rstrip("/")).parent
   cfg = load_config()
   if cfg is None:
     try:
-      cfg = read_config(workdir)
+      cfg = ckpt_lib.read_config(workdir)
     except ckpt_lib.CheckpointError as e:
       sys.exit(f"eval.py: {e} Pass --config configs/NAME.py for this checkpoint.")
-  ckpt_dir = FLAGS.checkpoint or os.path.join(workdir, "checkpoints")
-  out = FLAGS.out or os.path.join(workdir, "eval")
+    except Exception as e:  # an unreachable bucket
+      sys.exit(f"eval.py: cannot read {workdir}: {paths.describe(e)}")
+  sharding.enable_compile_cache(cfg.get("compile_cache_dir", ""))
+  ckpt_dir = paths.resolve(FLAGS.checkpoint) if FLAGS.checkpoint else workdir / "checkpoints"
+  out = paths.resolve(FLAGS.out) if FLAGS.out else workdir / "eval"
   try:
     rep = evaluation.evaluate_checkpoint(cfg, ckpt_dir, FLAGS.step, FLAGS.energy_images)
     sweep = []

@@ -17,7 +17,8 @@ _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conf
 # config_flags applies --config.* overrides while defining the flag
 guard(lambda: config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Training configuration file.",
                                              lock_config=True))
-flags.DEFINE_string("workdir", None, "Work directory (checkpoints, metrics). Default: ./workdirs/<data set>.")
+flags.DEFINE_string("workdir", None, "Work directory (checkpoints, metrics), local or gs://bucket/path. "
+                    "Default: ./workdirs/<data set>.")
 flags.DEFINE_bool("quiet", False, "No progress output (metrics still go to the work directory).")
 FLAGS = flags.FLAGS
 
@@ -25,16 +26,18 @@ FLAGS = flags.FLAGS
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments {argv[1:]}: options are --config, --workdir, --config.KEY=VALUE.")
-  from ge2mst_jax import train_lib  # after flag parsing: JAX starts only for a valid command line
+  # After flag parsing: JAX starts only for a valid command line.
+  from ge2mst_jax import run_control, sharding, train_lib
 
   cfg = load_config()
+  sharding.enable_compile_cache(cfg.compile_cache_dir)
   workdir = FLAGS.workdir or os.path.join("workdirs", cfg.data.name)
   try:
     summary = train_lib.train_and_evaluate(cfg, workdir, quiet=FLAGS.quiet)
-  except train_lib.Preempted as e:
+  except run_control.Preempted as e:
     print(f"train.py: {e}", flush=True)
-    sys.exit(0)
-  except (ValueError, RuntimeError, train_lib.NonFiniteError, train_lib.ckpt_lib.CheckpointError) as e:
+    sys.exit(cfg.preempted_exit_code)
+  except (ValueError, RuntimeError, run_control.NonFiniteError) as e:  # CheckpointError is a RuntimeError
     sys.exit(f"train.py: {e}")
   summary.pop("state"), summary.pop("setup")
   print("\n== Ge2mS-T training summary ==")

@@ -19,14 +19,15 @@ def make_config(arg, dataset: str, num_classes: int):
   c.data.augment = "cifar"        # reflect-pad 4 + random crop + horizontal flip
   c.data.norm = "cifar"
   c.batch_size = 128
-  c.total_steps = 300 * 50000 // 128   # 300 epochs from scratch
+  c.epochs = 100 if a["finetune"] else 300
+  steps_per_epoch = common.steps_per_epoch(c, 50000)        # follows --config.batch_size
+  c.total_steps = c.get_ref("epochs") * steps_per_epoch
   c.optimizer.lr = 1e-3
-  c.optimizer.warmup_steps = 5 * 50000 // 128
+  c.optimizer.warmup_steps = 5 * steps_per_epoch
   c.label_smoothing = 0.1
   c.checkpoint_every = 2000
   c.eval_every = 5000
   if a["finetune"]:
     c.init_from.checkpoint = a["finetune"]
-    c.total_steps = 100 * 50000 // 128
     c.optimizer.lr = 2e-4
   return c

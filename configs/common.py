@@ -26,6 +26,12 @@ def parse_arg(arg: str | None, **defaults) -> dict:
   return out
 
 
+def steps_per_epoch(c: ml_collections.ConfigDict, train_images: int):
+  """Steps of one pass over `train_images`, as a reference to `c.batch_size`: schedules built
+  from it follow the batch size, also when it is overridden on the command line."""
+  return train_images // c.get_ref("batch_size")
+
+
 def base_config(model: str, *, dataset: str, num_classes: int, image_size: int, **arch) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
@@ -56,5 +62,10 @@ def base_config(model: str, *, dataset: str, num_classes: int, image_size: int, 
   c.keep_checkpoints = 3
   c.async_checkpoints = True
   c.nonfinite = "stop"          # 'stop' (raise, keep the last good checkpoint) | 'skip' (drop the step)
+  # Pods (README "Running on a TPU slice / GPU cluster"):
+  c.lease = ml_collections.ConfigDict(dict(timeout_secs=60.0, heartbeat_secs=10.0))  # work-directory ownership
+  c.watchdog_secs = 1800.0      # exit (status 75) when no step or eval batch completes for this long; 0: off
+  c.preempted_exit_code = 0     # exit status after a preemption save (e.g. 143 where the scheduler restarts only failures)
+  c.compile_cache_dir = ""      # persistent XLA cache: "" = ~/.cache/ge2mst_jax/xla, "off" = none
   c.debug_nan_at_step = -1      # fault injection for tests: the loss at this step becomes NaN
   return c

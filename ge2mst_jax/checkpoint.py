@@ -1,27 +1,88 @@
-"""The one module that talks to orbax.
+"""The one module that talks to orbax, and the run's saved config.
 
-A checkpoint is a composite of the train state (as a pure dict of arrays) and the grain
-data iterator. Saves are asynchronous and atomic (orbax writes to a temporary directory
-and renames on completion), so a killed run never leaves a half-written step that looks
-complete. Restores go into `ShapeDtypeStruct`s that carry the *current* mesh's shardings,
-so a checkpoint written on one device count loads on another. A damaged checkpoint is
-reported with its path and the previous complete one is used instead.
+A checkpoint is a composite of the train state (a pure dict of arrays) and the data position
+(a small JSON: how many records each process has read, with the process count, so that a run
+restored on another number of hosts continues at the same place; see `data.resume_records`).
+Saves are asynchronous and atomic (orbax commits a step only when it is complete), so a
+killed run never leaves a half-written step that looks complete. Restores go into
+`ShapeDtypeStruct`s that carry the *current* mesh's shardings, so a checkpoint written on one
+device or host count loads on another.
+
+Restoring is one decision for all hosts: process 0 lists the steps and checks each
+candidate's saved shapes against the model (checkpoint metadata, before any read); every host
+then restores the same step, and a step that any host could not read is moved aside by
+process 0 (never deleted) and the previous one tried. A checkpoint that is readable but
+written for another model is not damage: it is a one-line error naming the differing shapes
+and config keys, and nothing is moved.
 """
 from __future__ import annotations
 
+import json
 import logging
-import os
 
-import grain
 import jax
+import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
+
+from ge2mst_jax import paths
+from ge2mst_jax import sharding as shd
+
+CONFIG_FILE = "config.json"
+ITEMS = ("state", "data_position")
 
 
 class CheckpointError(RuntimeError):
   """No usable checkpoint where one was asked for."""
 
 
+class IncompatibleCheckpointError(CheckpointError):
+  """A readable checkpoint written for another model (shapes differ)."""
+
+
+# ----------------------------------------------------------------------------
+# The saved config
+# ----------------------------------------------------------------------------
+def save_config(cfg, workdir) -> None:
+  wd = epath.Path(workdir)
+  wd.mkdir(parents=True, exist_ok=True)
+  paths.write_text_atomic(wd / CONFIG_FILE, cfg.to_json(indent=2))
+
+
+def config_from_json(text: str) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(json.loads(text))
+
+
+def read_config(workdir, required: bool = True) -> ml_collections.ConfigDict | None:
+  """The config a train.py run saved in its work directory (None if absent and not `required`)."""
+  path = epath.Path(workdir) / CONFIG_FILE
+  if not path.exists():
+    if not required:
+      return None
+    raise CheckpointError(f"{workdir} has no {CONFIG_FILE}: it is not a work directory written by train.py.")
+  return config_from_json(path.read_text())
+
+
+def _flat(tree, prefix: str = "") -> dict:
+  out = {}
+  for k, v in tree.items():
+    key = f"{prefix}.{k}" if prefix else str(k)
+    out.update(_flat(v, key) if isinstance(v, dict) else {key: v})
+  return out
+
+
+def config_diff(saved, current) -> list[str]:
+  """`key: saved -> current` for every config value that differs (JSON-normalised)."""
+  a, b = (_flat(json.loads(c.to_json())) for c in (saved, current))
+  return [f"{k}: {a.get(k, '<absent>')} -> {b.get(k, '<absent>')}" for k in sorted(set(a) | set(b))
+          if a.get(k) != b.get(k)]
+
+
+# ----------------------------------------------------------------------------
+# State trees
+# ----------------------------------------------------------------------------
 def to_pure(state) -> dict:
   return nnx.to_pure_dict(state)
 
@@ -32,28 +93,43 @@ def abstract_pure(abstract_state, shardings) -> dict:
   return nnx.to_pure_dict(target)
 
 
+def _shapes(tree) -> dict[str, tuple]:
+  leaves = jax.tree_util.tree_leaves_with_path(tree)
+  return {"/".join(str(getattr(k, "key", k)) for k in p): tuple(x.shape) for p, x in leaves}
+
+
+def shape_mismatches(saved: dict, target: dict) -> list[str]:
+  """Arrays whose presence or shape differs between a saved tree and the model's."""
+  s, t = _shapes(saved), _shapes(target)
+  return [f"{k}: {s.get(k, 'absent')} saved, {t.get(k, 'absent')} now" for k in sorted(set(s) | set(t))
+          if s.get(k) != t.get(k)]
+
+
+# ----------------------------------------------------------------------------
+# The checkpoint directory
+# ----------------------------------------------------------------------------
 class Checkpoints:
   """`CheckpointManager` over `directory` (last `keep` steps) plus `directory/best` (the best eval)."""
 
-  def __init__(self, directory: str, keep: int = 3, async_save: bool = True, best_metric: str | None = None):
-    self.directory = os.path.abspath(directory)
-    opts = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
-                                        cleanup_tmp_directories=True)
-    self.manager = ocp.CheckpointManager(self.directory, options=opts, item_names=("state", "data"))
+  def __init__(self, directory, keep: int = 3, async_save: bool = True, best_metric: str | None = None,
+               read_only: bool = False):
+    self.directory = paths.resolve(directory)
+    opts = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, read_only=read_only,
+                                        enable_async_checkpointing=async_save, cleanup_tmp_directories=not read_only)
+    self.manager = ocp.CheckpointManager(self.directory, options=opts, item_names=ITEMS)
     self.best_metric = best_metric
     self.best = None
     if best_metric:
       best_opts = ocp.CheckpointManagerOptions(max_to_keep=1, create=True, best_fn=lambda m: m[best_metric],
                                                best_mode="max", enable_async_checkpointing=async_save,
                                                cleanup_tmp_directories=True)
-      self.best = ocp.CheckpointManager(os.path.join(self.directory, "best"), options=best_opts,
-                                        item_names=("state",))
+      self.best = ocp.CheckpointManager(self.directory / "best", options=best_opts, item_names=("state",))
 
   # -- saving ------------------------------------------------------------------
-  def save(self, step: int, state, data_iter=None, force: bool = False) -> bool:
+  def save(self, step: int, state, data_position: dict | None = None, force: bool = False) -> bool:
     args = {"state": ocp.args.StandardSave(to_pure(state))}
-    if data_iter is not None:
-      args["data"] = grain.checkpoint.CheckpointSave(data_iter)
+    if data_position is not None:
+      args["data_position"] = ocp.args.JsonSave(data_position)
     return self.manager.save(step, args=ocp.args.Composite(**args), force=force)
 
   def save_best(self, step: int, state, metrics: dict) -> None:
@@ -76,73 +152,96 @@ class Checkpoints:
     self.manager.reload()
     return sorted(self.manager.all_steps())
 
-  def restore(self, target_pure: dict, data_iter=None, step: int | None = None, quarantine: bool = False):
-    """Restores the newest complete, undamaged step (or `step`); returns `(step, pure_state)`.
+  def step_path(self, step: int) -> epath.Path:
+    return self.directory / str(step)
 
-    Falls back step by step past damaged checkpoints, logging each one with its path.
-    With `quarantine` (resuming training) a damaged step is moved, whole, to
-    `damaged_checkpoints/` beside this directory: training will write that step again,
-    and nothing is deleted. Returns `(None, None)` when the directory holds no checkpoint.
+  def saved_shapes(self, step: int) -> dict:
+    """The state's array metadata as saved (shapes), read without reading any array."""
+    return ocp.StandardCheckpointer().metadata(self.step_path(step) / "state").item_metadata.tree
+
+  def _verdict(self, step: int, target_pure: dict) -> tuple[str, str]:
+    """('ok' | 'damaged' | 'incompatible', detail) from the saved metadata (process 0)."""
+    try:
+      saved = self.saved_shapes(step)
+    except Exception as e:  # missing or unreadable metadata: the step is damaged
+      return "damaged", f"{type(e).__name__}: {str(e)[:200]}"
+    bad = shape_mismatches(saved, target_pure)
+    return ("incompatible", "; ".join(bad[:4]) + (f"; and {len(bad) - 4} more" if len(bad) > 4 else "")) if bad \
+        else ("ok", "")
+
+  def restore(self, target_pure: dict, step: int | None = None, quarantine: bool = False,
+              saved_config=None, config=None):
+    """Restores the newest complete, undamaged step (or `step`); returns `(step, pure_state, data_position)`.
+
+    Falls back step by step past damaged checkpoints, logging each with its path. With
+    `quarantine` (resuming training) process 0 moves a damaged step, whole, to
+    `damaged_checkpoints/` beside this directory: training will write that step again, and
+    nothing is deleted. An incompatible step raises `IncompatibleCheckpointError` (with the
+    config keys that differ between `saved_config` and `config`, when given); nothing moves.
+    Returns `(None, None, None)` when the directory holds no checkpoint.
     """
-    candidates = [step] if step is not None else self.steps()[::-1]
+    candidates = shd.from_process_0([step] if step is not None else self.steps()[::-1])
+    codes = {"ok": 0, "damaged": 1, "incompatible": 2}
     errors = []
     for s in candidates:
-      args = {"state": ocp.args.StandardRestore(target_pure)}
-      if data_iter is not None:
-        args["data"] = grain.checkpoint.CheckpointRestore(data_iter)
-      try:
-        restored = self.manager.restore(s, args=ocp.args.Composite(**args))
-        _check_shapes(restored["state"], target_pure, self.step_path(s))
-        return s, restored["state"]
-      except Exception as e:  # orbax/tensorstore raise many types for truncated or corrupt files
-        msg = f"checkpoint {self.step_path(s)} is damaged or incompatible ({type(e).__name__}: {str(e)[:200]})"
-        if quarantine:
-          msg += f"; moved to {self._quarantine(s)}"
-        logging.warning("%s; trying the previous one.", msg)
-        errors.append(msg)
+      verdict, detail = self._verdict(s, target_pure) if jax.process_index() == 0 else ("ok", "")
+      verdict = list(codes)[shd.from_process_0([codes[verdict]])[0]]
+      if verdict == "incompatible":
+        raise IncompatibleCheckpointError(self._incompatible_message(s, detail, saved_config, config))
+      restored, problem = None, detail
+      if verdict == "ok":
+        try:
+          args = {"state": ocp.args.StandardRestore(target_pure)}
+          if (self.step_path(s) / "data_position").exists():
+            args["data_position"] = ocp.args.JsonRestore()
+          restored = self.manager.restore(s, args=ocp.args.Composite(**args))
+        except Exception as e:  # orbax/tensorstore raise many types for truncated or corrupt files
+          problem = f"{type(e).__name__}: {str(e)[:200]}"
+      if shd.all_hosts(restored is not None):
+        return s, restored["state"], restored.get("data_position")
+      msg = f"checkpoint {self.step_path(s)} is damaged ({problem or 'unreadable on another host'})"
+      if quarantine and jax.process_index() == 0:
+        msg += f"; moved to {self._quarantine(s)}"
+      logging.warning("%s; trying the previous one.", msg)
+      errors.append(msg)
+      shd.all_hosts(True)  # the move is complete before any host lists the steps again
     if errors:
       raise CheckpointError("No usable checkpoint: " + "; ".join(errors))
-    return None, None
+    return None, None, None
 
-  def step_path(self, step: int) -> str:
-    return os.path.join(self.directory, str(step))
+  def _incompatible_message(self, step, detail, saved_config, config) -> str:
+    keys = config_diff(saved_config, config) if saved_config is not None and config is not None else []
+    because = f" The config differs in {', '.join(keys[:6])}{' ...' if len(keys) > 6 else ''}." if keys else ""
+    return (f"Checkpoint {self.step_path(step)} was written for a different model ({detail}).{because} "
+            f"Resume with the config it was written with, or pass another --workdir for a new run; "
+            f"nothing was moved or overwritten.")
 
-  def _quarantine(self, step: int) -> str:
-    dest_dir = os.path.join(os.path.dirname(self.directory), "damaged_checkpoints")
-    os.makedirs(dest_dir, exist_ok=True)
-    dest = os.path.join(dest_dir, str(step))
-    n = 1
-    while os.path.exists(dest):
-      dest, n = os.path.join(dest_dir, f"{step}.{n}"), n + 1
-    os.rename(self.step_path(step), dest)
+  def _quarantine(self, step: int) -> epath.Path:
+    dest_dir = self.directory.parent / "damaged_checkpoints"
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    dest, n = dest_dir / str(step), 1
+    while dest.exists():
+      dest, n = dest_dir / f"{step}.{n}", n + 1
+    paths.move_tree(self.step_path(step), dest)
     self.manager.reload()
     return dest
 
 
-def _check_shapes(restored, target, path) -> None:
-  got = jax.tree_util.tree_leaves_with_path(restored)
-  want = jax.tree_util.tree_leaves(target)
-  bad = [jax.tree_util.keystr(p) for (p, a), b in zip(got, want) if a.shape != b.shape]
-  if len(got) != len(want) or bad:
-    raise CheckpointError(f"{path}: does not fit the model ({len(got)} vs {len(want)} arrays; shapes differ "
-                          f"for {bad[:3]})")
-
-
-def restore_state_only(directory: str, target_pure: dict, step: int | None = None, fallback: bool = True):
+def restore_state_only(directory, target_pure: dict, step: int | None = None, fallback: bool = True):
   """Restores just the train state from a checkpoint directory (eval, export, fine-tuning).
 
   `fallback=False` restores exactly the newest (or `step`) checkpoint and fails on damage
   instead of quietly using an older one.
   """
-  if not os.path.isdir(directory):
+  if not epath.Path(directory).is_dir():
     raise CheckpointError(f"No checkpoint directory at {directory}: pass a work directory written by train.py.")
-  ckpt = Checkpoints(directory, async_save=False)
+  ckpt = Checkpoints(directory, async_save=False, read_only=True)
   try:
     if step is None and not fallback:
       step = (ckpt.steps() or [None])[-1]
       if step is None:
         raise CheckpointError(f"No checkpoint in {directory}: train first, or point to the right work directory.")
-    step, state = ckpt.restore(target_pure, None, step)
+    step, state, _ = ckpt.restore(target_pure, step)
   finally:
     ckpt.close()
   if step is None:
@@ -150,14 +249,15 @@ def restore_state_only(directory: str, target_pure: dict, step: int | None = Non
   return step, state
 
 
-def restore_as_saved(path: str):
+def restore_as_saved(path):
   """`(step, pure_state)` of the newest checkpoint under `path` (a work directory or its
   checkpoints directory), read with the shapes it was saved with: for loading into a model
   whose shapes differ (fine-tuning with a new head)."""
-  for d in (path.rstrip("/"), os.path.join(path.rstrip("/"), "checkpoints")):
-    if not os.path.isdir(d):
+  path = epath.Path(path)
+  for d in (path, path / "checkpoints"):
+    if not d.is_dir():
       continue
-    mngr = ocp.CheckpointManager(d, item_names=("state", "data"), options=ocp.CheckpointManagerOptions(read_only=True))
+    mngr = ocp.CheckpointManager(d, item_names=ITEMS, options=ocp.CheckpointManagerOptions(read_only=True))
     try:
       step = mngr.latest_step()
       if step is not None:

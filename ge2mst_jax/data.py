@@ -206,12 +206,19 @@ def _preprocess(cfg, train: bool) -> Preprocess:
                     cfg.get("randaug_ops", 2), cfg.get("randaug_magnitude", 9), cfg.get("event_frames", 0))
 
 
-def train_dataset(cfg, global_batch: int, seed: int, source: Sequence | None = None) -> grain.IterDataset:
+def train_dataset(cfg, global_batch: int, seed: int, source: Sequence | None = None,
+                  start: int = 0) -> grain.IterDataset:
   """Infinite, shuffled (per epoch, seeded), augmented, batched stream of this process's shard
-  of `source` (default: the config's training split)."""
+  of `source` (default: the config's training split), from its `start`-th record.
+
+  The stream is a pure function of (seed, process count, process index, start): a run
+  resumes by rebuilding it at the position saved with its checkpoint (`resume_records`).
+  """
   source = make_source(cfg, "train") if source is None else source
   ds = grain.MapDataset.source(source)[process_shard(len(source))]
-  ds = ds.seed(seed).shuffle().repeat(None).random_map(_preprocess(cfg, True))
+  # random_map before the slice: each record's augmentation is seeded by its index in the
+  # repeated stream, so a stream started at `start` sees exactly what an uninterrupted one did.
+  ds = ds.seed(seed).shuffle().repeat(None).random_map(_preprocess(cfg, True))[start:]
   ds = ds.batch(local_batch_size(global_batch), drop_remainder=True)
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.get("read_threads", 2), prefetch_buffer_size=4))
   if cfg.get("workers", 0) > 0:
@@ -222,17 +229,48 @@ def train_dataset(cfg, global_batch: int, seed: int, source: Sequence | None = N
   return it
 
 
-def eval_batches(cfg, global_batch: int):
+def data_position(records: int, num_records: int) -> dict:
+  """What a checkpoint stores of the input stream: records read by each process, and the sharding."""
+  shard = num_records // jax.process_count()
+  return {"records_per_process": int(records), "process_count": jax.process_count(), "shard_size": shard,
+          "epoch": records // max(shard, 1), "examples_seen": int(records) * jax.process_count()}
+
+
+def resume_records(saved: dict | None, num_records: int, fallback_records: int) -> int:
+  """This process's start record for a run resumed from a saved `data_position`.
+
+  With the same process count it is the saved count: the stream continues exactly. With
+  another count, each process keeps the saved global epoch and the saved number of examples
+  seen within it (rounded down to whole records per process); which examples remain in that
+  epoch is approximate, since every host shuffles its own shard and the shards are now cut
+  differently. Checkpoints without a position resume at `fallback_records` (step x batch).
+  """
+  if not saved:
+    return fallback_records
+  if saved["process_count"] == jax.process_count():
+    return int(saved["records_per_process"])
+  epoch, offset = divmod(int(saved["records_per_process"]), max(int(saved["shard_size"]), 1))
+  shard = num_records // jax.process_count()
+  return epoch * shard + offset * int(saved["process_count"]) // jax.process_count()
+
+
+def eval_batch_shape(global_batch: int, num_devices: int) -> int:
+  """The global eval batch actually used: `global_batch` rounded up to a multiple of the device
+  count (so any eval batch size works on any slice); the padding is masked out."""
+  return -(-global_batch // num_devices) * num_devices
+
+
+def eval_batches(cfg, global_batch: int, num_devices: int | None = None):
   """One pass over the test split, this process's share, in equal-count padded batches.
 
   Every process yields the same number of batches (multi-host steps stay in lockstep);
-  `mask` marks real examples.
+  `mask` marks real examples. The batch is padded up to a multiple of `num_devices`.
   """
   source = make_source(cfg, "test")
   n = len(source)
   per = -(-n // jax.process_count())
   start = jax.process_index() * per
-  bs = local_batch_size(global_batch)
+  bs = local_batch_size(eval_batch_shape(global_batch, num_devices or jax.device_count()))
   prep = _preprocess(cfg, False)
   rng = np.random.default_rng(0)  # eval transforms are deterministic; the generator is unused
   blank = np.zeros_like(prep.random_map(source[0], rng)["image"])

@@ -2,16 +2,17 @@
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import jax
 import numpy as np
+from etils import epath
 from flax import nnx
 
 from ge2mst_jax import data as data_lib
 from ge2mst_jax import energy
 from ge2mst_jax import models
+from ge2mst_jax import paths
 from ge2mst_jax import sharding as shd
 from ge2mst_jax import train_lib
 from ge2mst_jax.attention import SpikingAttention
@@ -69,7 +70,7 @@ def evaluate_checkpoint(cfg, checkpoint_dir: str, step: int | None = None, energ
   images = _energy_batch(cfg, energy_images)
   rep = energy.energy_report(model, images)
   return {
-      "step": step, "checkpoint": os.path.abspath(checkpoint_dir), "T": arch.T, "K": arch.K,
+      "step": step, "checkpoint": str(paths.resolve(checkpoint_dir)), "T": arch.T, "K": arch.K,
       "paradigm": arch.paradigm, "params": models.count_params(model), "energy_images": int(len(images)),
       "accuracy_quantize": acc.get("accuracy_quantize"), "accuracy_spike": acc.get("accuracy_spike"),
       **{k: v for k, v in acc.items() if k.startswith("top5") or k == "accuracy_stbp"},
@@ -101,13 +102,21 @@ def _module_sops(rep: dict) -> dict[str, dict[str, float]]:
   return {"attention": attn, "feedforward": ffn, "attention_ungrouped": bound}
 
 
-def plot_report(rep: dict, out_dir: str) -> list[str]:
+def _save_figure(fig, path) -> str:
+  import io
+  buf = io.BytesIO()  # through epath: the report directory may be in a bucket
+  fig.savefig(buf, format="png", dpi=110)
+  epath.Path(path).write_bytes(buf.getvalue())
+  return str(path)
+
+
+def plot_report(rep: dict, out_dir) -> list[str]:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
   mods = _module_sops(rep)
-  paths = []
+  out_dir, files = epath.Path(out_dir), []
   fig, axes = plt.subplots(1, 2, figsize=(11, 4))
   for ax, key, title in ((axes[0], "attention", "Attention modules"), (axes[1], "feedforward", "Feed-forward modules")):
     names = list(mods[key])
@@ -121,8 +130,7 @@ def plot_report(rep: dict, out_dir: str) -> list[str]:
     ax.set_title(title)
     ax.legend()
   fig.tight_layout()
-  paths.append(os.path.join(out_dir, "sops.png"))
-  fig.savefig(paths[-1], dpi=110)
+  files.append(_save_figure(fig, out_dir / "sops.png"))
   plt.close(fig)
   rates = rep["firing_rates"]
   fig, ax = plt.subplots(figsize=(11, 3.5))
@@ -131,10 +139,9 @@ def plot_report(rep: dict, out_dir: str) -> list[str]:
   ax.set_ylabel("firing rate (spikes / neuron / step)")
   ax.set_title(f"Firing rates, T={rep['T']}, K={rep['K']} (mean {rep['mean_firing_rate']:.3f})")
   fig.tight_layout()
-  paths.append(os.path.join(out_dir, "firing_rates.png"))
-  fig.savefig(paths[-1], dpi=110)
+  files.append(_save_figure(fig, out_dir / "firing_rates.png"))
   plt.close(fig)
-  return paths
+  return files
 
 
 def markdown_report(rep: dict, sweep: list[dict] | None = None) -> str:
@@ -171,15 +178,13 @@ def markdown_report(rep: dict, sweep: list[dict] | None = None) -> str:
   return "\n".join(lines)
 
 
-def write_report(rep: dict, out_dir: str, sweep: list[dict] | None = None) -> dict[str, str]:
-  os.makedirs(out_dir, exist_ok=True)
+def write_report(rep: dict, out_dir, sweep: list[dict] | None = None) -> dict[str, str]:
+  out_dir = epath.Path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
   full = dict(rep, sweep=[{k: r[k] for k in ("T", "K", "accuracy_quantize", "accuracy_spike", "prediction_agreement",
                                                "max_rel_logit_diff", "sops_per_image", "energy_mj_per_image")}
                           for r in sweep or []])
-  with open(os.path.join(out_dir, "report.json"), "w") as f:
-    json.dump(full, f, indent=2, default=float)
-  with open(os.path.join(out_dir, "report.md"), "w") as f:
-    f.write(markdown_report(rep, sweep))
+  (out_dir / "report.json").write_text(json.dumps(full, indent=2, default=float))
+  (out_dir / "report.md").write_text(markdown_report(rep, sweep))
   plots = plot_report(rep, out_dir)
-  return {"json": os.path.join(out_dir, "report.json"), "md": os.path.join(out_dir, "report.md"),
-          "plots": plots}
+  return {"json": str(out_dir / "report.json"), "md": str(out_dir / "report.md"), "plots": plots}

@@ -5,40 +5,19 @@
 
 The exported file is safetensors: every model array (parameters, BatchNorm statistics,
 thresholds) under its '/'-joined path, and the training config as JSON in the metadata.
+Work directories and exported files may be local or in a bucket (`gs://...`).
 """
 from __future__ import annotations
 
 import json
-import os
 
 import jax
-import ml_collections
 import numpy as np
+from etils import epath
 from flax import nnx
 
 from ge2mst_jax import checkpoint as ckpt_lib
-
-CONFIG_FILE = "config.json"
-
-
-def save_config(cfg, workdir: str) -> None:
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
-    f.write(cfg.to_json(indent=2))
-
-
-def _config_from_json(text: str) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(json.loads(text))
-
-
-def read_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config a train.py run saved in its work directory."""
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
-    raise ckpt_lib.CheckpointError(f"{workdir} has no {CONFIG_FILE}: it is not a work directory written by train.py.")
-  with open(path) as f:
-    return _config_from_json(f.read())
-
+from ge2mst_jax import paths
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, np.ndarray]:
   out = {}
@@ -59,39 +38,45 @@ def _unflatten(flat: dict) -> dict:
   return tree
 
 
-def _model_from_workdir(workdir: str, step: int | None = None):
+def _model_from_workdir(workdir, step: int | None = None):
   from ge2mst_jax import sharding as shd
   from ge2mst_jax import train_lib
 
-  cfg = read_config(workdir)
-  setup, step = train_lib.restore_train_state(cfg, os.path.join(workdir, "checkpoints"),
+  cfg = ckpt_lib.read_config(workdir)
+  setup, step = train_lib.restore_train_state(cfg, epath.Path(workdir) / "checkpoints",
                                               shd.make_mesh(1, jax.devices()[:1]), step)
   model, _ = nnx.merge(setup.graphdef, setup.state)
   model.eval()
   return model, cfg, step
 
 
-def load(path: str, step: int | None = None):
+def _read_safetensors(data: bytes) -> tuple[dict, dict]:
+  """(arrays, metadata) of a safetensors file's bytes (read whole: the file may be in a bucket)."""
+  from safetensors.numpy import load as load_bytes
+  n = int.from_bytes(data[:8], "little")
+  meta = json.loads(data[8:8 + n]).get("__metadata__") or {}
+  return load_bytes(data), meta
+
+
+def load(path, step: int | None = None):
   """`(model, config)` from a work directory (newest checkpoint, or `step`) or an exported file."""
-  if os.path.isdir(path):
-    model, cfg, _ = _model_from_workdir(path, step)
+  p = epath.Path(path)
+  if p.is_dir():
+    model, cfg, _ = _model_from_workdir(p, step)
     return model, cfg
-  if not os.path.exists(path):
+  if not p.exists():
     raise ckpt_lib.CheckpointError(f"Nothing to load at {path}: pass a work directory or an exported .safetensors file.")
   from safetensors import SafetensorError
-  from safetensors.numpy import load_file, safe_open
 
   from ge2mst_jax import train_lib
 
   try:
-    with safe_open(path, framework="numpy") as f:
-      meta = f.metadata() or {}
-    flat = load_file(path)
+    flat, meta = _read_safetensors(p.read_bytes())
   except (SafetensorError, OSError, ValueError) as e:
     raise ckpt_lib.CheckpointError(f"{path} is not a readable ge2mst_jax export ({e}).") from None
   if "config" not in meta:
     raise ckpt_lib.CheckpointError(f"{path} has no ge2mst_jax config in its metadata: was it written by export()?")
-  cfg = _config_from_json(meta["config"])
+  cfg = ckpt_lib.config_from_json(meta["config"])
   model = train_lib.build_model(cfg)
   pure = _unflatten({k: jax.numpy.asarray(v) for k, v in flat.items()})
   try:
@@ -104,12 +89,13 @@ def load(path: str, step: int | None = None):
   return model, cfg
 
 
-def export(workdir: str, out: str, step: int | None = None) -> str:
+def export(workdir, out, step: int | None = None) -> str:
   """Writes the newest (or `step`) checkpoint's model and config of `workdir` to `out` (safetensors)."""
-  from safetensors.numpy import save_file
+  from safetensors.numpy import save as to_bytes
 
   model, cfg, step = _model_from_workdir(workdir, step)
   flat = _flatten(jax.device_get(nnx.to_pure_dict(nnx.state(model))))
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  save_file(flat, out, metadata={"config": cfg.to_json(), "step": str(step), "format": "ge2mst_jax/1"})
-  return out
+  dest = paths.resolve(out)
+  dest.parent.mkdir(parents=True, exist_ok=True)
+  dest.write_bytes(to_bytes(flat, metadata={"config": cfg.to_json(), "step": str(step), "format": "ge2mst_jax/1"}))
+  return str(out)

@@ -1,27 +1,66 @@
 """Metric writers: JSONL always, TensorBoard event files (tensorboardX, no TensorFlow), and a
-progress bar on an interactive terminal or plain periodic lines otherwise. Process 0 only."""
+progress bar on an interactive terminal or plain periodic lines otherwise. Process 0 only.
+
+`metrics.jsonl` is appended to, line by line, on a local disk. An object in a bucket cannot be
+appended to: there the file is rewritten whole (what earlier runs wrote, then this run's
+records) at most every `flush_secs` and when the writer closes. Each upload replaces the object
+atomically, so a reader never sees a cut line; a run killed without warning loses at most the
+last `flush_secs` of records (its checkpoints are unaffected).
+"""
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 
 import jax
+from etils import epath
+
+from ge2mst_jax import paths
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class _ObjectLog:
+  """A text file kept as one object: read once, rewritten whole on flush."""
+
+  def __init__(self, path: epath.Path, flush_secs: float):
+    self.path, self.flush_secs = path, flush_secs
+    self.text = path.read_text() if path.exists() else ""
+    self.dirty, self.last = False, time.monotonic()
+
+  def write(self, line: str) -> None:
+    self.text += line
+    self.dirty = True
+    if time.monotonic() - self.last >= self.flush_secs:
+      self.flush()
+
+  def flush(self) -> None:
+    if self.dirty:
+      self.path.write_text(self.text)
+      self.dirty, self.last = False, time.monotonic()
+
+  def close(self) -> None:
+    self.flush()
 
 
 class MetricWriter:
-  def __init__(self, workdir: str, total_steps: int, initial_step: int = 0, quiet: bool = False):
+  def __init__(self, workdir, total_steps: int, initial_step: int = 0, quiet: bool = False,
+               flush_secs: float = 30.0):
     self.enabled = jax.process_index() == 0
     self.total, self.quiet = total_steps, quiet
     self.jsonl = self.tb = self.bar = None
     if not self.enabled:
       return
-    os.makedirs(workdir, exist_ok=True)
-    self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
+    wd = epath.Path(workdir)
+    wd.mkdir(parents=True, exist_ok=True)
+    if paths.is_remote(wd):
+      self.jsonl = _ObjectLog(wd / METRICS_FILE, flush_secs)
+    else:
+      self.jsonl = open(wd / METRICS_FILE, "a", buffering=1)  # a local file: line-buffered appends
     try:
-      from tensorboardX import SummaryWriter
-      self.tb = SummaryWriter(os.path.join(workdir, "tb"))
+      from tensorboardX import SummaryWriter  # writes gs:// through google-cloud-storage
+      self.tb = SummaryWriter(str(wd / "tb"), flush_secs=int(flush_secs))
     except ImportError:  # TensorBoard files are a convenience; JSONL is the record
       self.tb = None
     if sys.stdout.isatty() and not quiet:

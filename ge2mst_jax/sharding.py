@@ -7,6 +7,7 @@ Small tensors (BatchNorm, thresholds, biases) stay replicated.
 """
 from __future__ import annotations
 
+import os
 import re
 
 import jax
@@ -35,6 +36,39 @@ def maybe_initialize_distributed(cfg) -> None:
   if dist.get("cpu", False) or jax.config.jax_platforms == "cpu":
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes talk over TCP
   jax.distributed.initialize(**kwargs)
+
+
+def enable_compile_cache(directory: str = "") -> str | None:
+  """Turns on JAX's persistent compilation cache (a local directory; "" = the user's cache
+  directory, "off" = none): a restarted or requeued job skips its compiles. A cache directory
+  already set through JAX_COMPILATION_CACHE_DIR is left as it is."""
+  if directory == "off" or os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    return os.environ.get("JAX_COMPILATION_CACHE_DIR")
+  if not directory:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    directory = os.path.join(base, "ge2mst_jax", "xla")
+  jax.config.update("jax_compilation_cache_dir", directory)
+  return directory
+
+
+def from_process_0(values: list[int]) -> list[int]:
+  """Process 0's list of integers, on every process (decisions that must be equal on all hosts)."""
+  if jax.process_count() == 1:
+    return list(values)
+  from jax.experimental import multihost_utils as mu
+  n = int(mu.broadcast_one_to_all(np.int32(len(values))))
+  buf = np.full(max(n, 1), -1, np.int32)
+  if jax.process_index() == 0:
+    buf[:n] = values
+  return [int(v) for v in np.asarray(mu.broadcast_one_to_all(buf))[:n]]
+
+
+def all_hosts(ok: bool) -> bool:
+  """True on every process when `ok` is True on every process (a collective: all must call it)."""
+  if jax.process_count() == 1:
+    return bool(ok)
+  from jax.experimental import multihost_utils as mu
+  return bool(np.all(np.asarray(mu.process_allgather(np.int32(ok)))))
 
 
 def make_mesh(fsdp: int = 1, devices=None) -> jax.sharding.Mesh:

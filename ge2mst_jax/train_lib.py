@@ -6,9 +6,9 @@ step is one pure function of (state, batch), jitted with `NamedSharding`s and a 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
-import os
 import time
 from typing import Any
 
@@ -20,89 +20,13 @@ from flax import nnx
 
 from ge2mst_jax import checkpoint as ckpt_lib
 from ge2mst_jax import data as data_lib
+from ge2mst_jax import mixing
+from ge2mst_jax import paths
 from ge2mst_jax import sharding as shd
 from ge2mst_jax.metrics import MetricWriter
 from ge2mst_jax.models import ArchConfig, Ge2msT
 from ge2mst_jax.neurons import alpha_schedule
-
-
-class NonFiniteError(FloatingPointError):
-  """Training produced a non-finite loss or gradient."""
-
-
-class Preempted(Exception):
-  """SIGTERM/SIGINT arrived; a checkpoint of the current step was saved."""
-
-
-class WorkdirLock:
-  """An exclusive lock file so that two runs cannot write one work directory at once."""
-
-  def __init__(self, workdir: str):
-    self.path = os.path.join(workdir, ".lock")
-    self.held = False
-
-  def __enter__(self):
-    import socket
-    me = f"{socket.gethostname()} {os.getpid()}"
-    for _ in range(2):
-      try:
-        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-      except FileExistsError:
-        try:
-          with open(self.path) as f:
-            host, pid = f.read().split()
-        except (OSError, ValueError):
-          host, pid = "", "0"
-        if host == socket.gethostname() and not _pid_alive(int(pid)):
-          os.remove(self.path)  # a stale lock of a run that died
-          continue
-        raise RuntimeError(f"Work directory {os.path.dirname(self.path)} is in use by process {pid} on {host} "
-                           f"(lock file {self.path}): wait for it, pass another --workdir, or delete the lock "
-                           f"file if that run is gone.") from None
-      with os.fdopen(fd, "w") as f:
-        f.write(me)
-      self.held = True
-      return self
-    raise RuntimeError(f"Could not take the lock {self.path}.")
-
-  def __exit__(self, *exc):
-    if self.held and os.path.exists(self.path):
-      os.remove(self.path)
-
-
-def _pid_alive(pid: int) -> bool:
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:
-    return True
-  return True
-
-
-class _SignalFlag:
-  """Turns SIGTERM/SIGINT into a flag the loop checks between steps (main thread only)."""
-
-  def __init__(self):
-    self.signum = None
-    self._old = {}
-
-  def __enter__(self):
-    import signal
-    import threading
-    if threading.current_thread() is threading.main_thread():
-      for sig in (signal.SIGTERM, signal.SIGINT):
-        self._old[sig] = signal.signal(sig, self._handle)
-    return self
-
-  def _handle(self, signum, frame):
-    del frame
-    self.signum = signum
-
-  def __exit__(self, *exc):
-    import signal
-    for sig, handler in self._old.items():
-      signal.signal(sig, handler)
+from ge2mst_jax.run_control import Lease, NonFiniteError, Preempted, PreemptionCheck, Watchdog
 
 
 # ----------------------------------------------------------------------------
@@ -183,29 +107,6 @@ def restore_train_state(cfg, checkpoint_dir: str, mesh, step: int | None = None,
 # ----------------------------------------------------------------------------
 # Steps
 # ----------------------------------------------------------------------------
-def _mix(images, labels, rng, mixup: float, cutmix: float):
-  """Mixup or CutMix (chosen 50/50 when both are on) with one lambda per batch."""
-  if mixup <= 0 and cutmix <= 0:
-    return images, labels
-  k_choice, k_lam, k_box = jax.random.split(rng, 3)
-  perm = jnp.arange(images.shape[0])[::-1]
-  use_cut = (cutmix > 0) & ((mixup <= 0) | jax.random.bernoulli(k_choice))
-  lam = jax.random.beta(k_lam, *(2 * [jnp.where(use_cut, max(cutmix, 1e-3), max(mixup, 1e-3))]))
-  H, W = images.shape[1:3]
-  cut = jnp.sqrt(1 - lam)
-  ch, cw = (H * cut).astype(jnp.int32), (W * cut).astype(jnp.int32)
-  cy, cx = jax.random.randint(k_box, (2,), 0, jnp.asarray([H, W]))
-  ys, xs = jnp.arange(H)[:, None], jnp.arange(W)[None, :]
-  box = (jnp.abs(ys - cy) <= ch // 2) & (jnp.abs(xs - cx) <= cw // 2)
-  box = box.reshape((1, H, W) + (1,) * (images.ndim - 3))
-  lam_cut = 1 - jnp.mean(box)
-  mixed_cut = jnp.where(box, images[perm], images)
-  mixed_up = lam * images + (1 - lam) * images[perm]
-  images = jnp.where(use_cut, mixed_cut, mixed_up)
-  lam = jnp.where(use_cut, lam_cut, lam)
-  return images, lam * labels + (1 - lam) * labels[perm]
-
-
 def make_train_step(cfg, setup: TrainSetup):
   graphdef, total = setup.graphdef, max(cfg.total_steps, 1)
   a = cfg.alpha
@@ -214,14 +115,18 @@ def make_train_step(cfg, setup: TrainSetup):
   skip_nonfinite = cfg.nonfinite == "skip"
   inject_step = cfg.get("debug_nan_at_step", -1)
   train_mode = arch_from_config(cfg).train_mode
+  partners = mixing.shard_local_reverse(setup.mesh, shd.DATA_AXES)
+  # Its own stream: nnx.Rngs(seed) draws fold_in(key(seed), i) for initialisation, so
+  # fold_in(key(seed), step) here would reuse the initialisation's keys.
+  aug_key = jax.random.split(jax.random.key(cfg.seed))[1]
 
   def train_step(state, batch):
     model, opt = nnx.merge(graphdef, state)
     step = opt.step[...]
     alpha = alpha_schedule(step / total, a.kind, a.ramp_end, a.get("power", 1.0))
     labels = optax.smooth_labels(jax.nn.one_hot(batch["label"], num_classes), smoothing)
-    images, labels = _mix(batch["image"], labels, jax.random.fold_in(jax.random.key(cfg.seed), step),
-                          cfg.mixup, cfg.cutmix)
+    images, labels = mixing.mix(batch["image"], labels, jax.random.fold_in(aug_key, step), cfg.mixup, cfg.cutmix,
+                                partners)
 
     def loss_fn(model):
       logits = model(images, mode=train_mode, alpha=alpha)
@@ -280,10 +185,11 @@ def make_eval_step(cfg, setup: TrainSetup, modes=("quantize", "spike")):
 
 
 def evaluate(cfg, setup: TrainSetup, state, eval_step=None, modes=None,
-             progress: bool = False) -> dict[str, float]:
+             progress: bool = False, beat=lambda: None) -> dict[str, float]:
+  """Accuracy (and agreement) over the test split; `beat()` after each batch (the watchdog)."""
   eval_step = eval_step or make_eval_step(cfg, setup, modes or eval_modes(cfg))
   sums: dict[str, float] = {}
-  batches = data_lib.eval_batches(cfg.data, cfg.eval_batch_size)
+  batches = data_lib.eval_batches(cfg.data, cfg.eval_batch_size, setup.mesh.devices.size)
   if progress and jax.process_index() == 0:
     import sys
 
@@ -292,6 +198,7 @@ def evaluate(cfg, setup: TrainSetup, state, eval_step=None, modes=None,
     batches = tqdm(batches, total=total, desc="eval", unit="batch", disable=not sys.stderr.isatty())
   for local in batches:
     out = jax.device_get(eval_step(state, shd.global_batch(local, setup.mesh)))
+    beat()
     for k, v in out.items():
       sums[k] = max(sums.get(k, 0.0), float(v)) if k == "max_rel_logit_diff" else sums.get(k, 0.0) + float(v)
   n = max(sums.pop("count", 0.0), 1.0)
@@ -315,13 +222,17 @@ def evaluate(cfg, setup: TrainSetup, state, eval_step=None, modes=None,
 def validate_config(cfg, mesh) -> None:
   """Input errors that must surface before any compile or write."""
   n_dev = mesh.devices.size
-  for name in ("batch_size", "eval_batch_size"):
-    if cfg[name] % n_dev:
-      raise ValueError(f"{name}={cfg[name]} is not divisible by the {n_dev} devices: use a multiple of {n_dev}.")
-  if cfg.total_steps < 1:
-    raise ValueError(f"total_steps={cfg.total_steps} must be >= 1.")
+  if cfg.batch_size % n_dev:
+    raise ValueError(f"batch_size={cfg.batch_size} is not divisible by the {n_dev} devices: "
+                     f"use a multiple of {n_dev}.")
+  for name in ("batch_size", "eval_batch_size", "total_steps"):
+    if cfg[name] < 1:
+      raise ValueError(f"{name}={cfg[name]} must be >= 1.")
   if cfg.nonfinite not in ("stop", "skip"):
     raise ValueError(f"nonfinite={cfg.nonfinite!r}: use 'stop' or 'skip'.")
+  if not 0 < cfg.lease.heartbeat_secs < cfg.lease.timeout_secs:
+    raise ValueError(f"lease.heartbeat_secs={cfg.lease.heartbeat_secs} must be > 0 and below "
+                     f"lease.timeout_secs={cfg.lease.timeout_secs}.")
   arch = arch_from_config(cfg)
   if arch.image_size != cfg.data.image_size:
     raise ValueError(f"model.arch.image_size={arch.image_size} differs from data.image_size={cfg.data.image_size}: "
@@ -332,50 +243,107 @@ def validate_config(cfg, mesh) -> None:
   data_lib.check_data(cfg.data)
 
 
-def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, quiet: bool = False) -> dict[str, Any]:
-  """Trains (resuming from `workdir` if it holds checkpoints), evaluates both modes, returns the summary."""
+def check_workdir(workdir):
+  """The work directory as an epath, after checking it can be reached (a bucket that does not
+  exist or cannot be listed is a one-line error here, before anything is written)."""
+  wd = paths.resolve(workdir)
+  try:
+    bucket = paths.bucket(wd)
+    if bucket is not None and not bucket.exists():
+      raise FileNotFoundError(f"bucket {bucket} does not exist")
+    if wd.exists() and not wd.is_dir():
+      raise NotADirectoryError(f"{wd} is a file")
+  except Exception as e:  # gcsfs/auth raise many types: the message is what helps
+    raise RuntimeError(f"Cannot use the work directory {wd}: {paths.describe(e)}. Check the path, the bucket "
+                       f"name and its credentials (gcloud auth application-default login).") from None
+  return wd
+
+
+@contextlib.contextmanager
+def workdir_lease(cfg, wd):
+  """Process 0 holds the work directory's lease for the run; every host learns whether it did."""
+  lease, err = None, None
+  if jax.process_index() == 0:
+    try:
+      wd.mkdir(parents=True, exist_ok=True)
+      lease = Lease(wd, cfg.lease.timeout_secs, cfg.lease.heartbeat_secs).acquire()
+    except RuntimeError as e:
+      err = e
+    except Exception as e:  # permissions, unreachable storage
+      err = RuntimeError(f"Cannot write the work directory {wd}: {paths.describe(e)}. Check its "
+                         f"permissions (on a bucket: the account's storage.objects.create role).")
+  if not shd.all_hosts(err is None):
+    raise err or RuntimeError(f"Process 0 could not take the lease of {wd} (see its error); stopping.")
+  try:
+    yield lease
+  finally:
+    if lease is not None:
+      lease.release()
+
+
+def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir, quiet: bool = False) -> dict[str, Any]:
+  """Trains (resuming from `workdir` if it holds checkpoints), evaluates both modes, returns the summary.
+
+  `workdir` may be local or a bucket (`gs://...`). Nothing is written to it before the config,
+  the data and the work directory itself have been checked.
+  """
   shd.maybe_initialize_distributed(cfg)
   mesh = shd.make_mesh(cfg.mesh.fsdp)
   validate_config(cfg, mesh)
-  os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() != 0:
-    return _train(cfg, workdir, mesh, quiet)
-  with WorkdirLock(workdir):
-    from ge2mst_jax.export import save_config
-    save_config(cfg, workdir)
-    return _train(cfg, workdir, mesh, quiet)
+  wd = check_workdir(workdir)
+  with workdir_lease(cfg, wd) as lease:
+    return _train(cfg, wd, mesh, quiet, lease)
 
 
-def _train(cfg, workdir: str, mesh, quiet: bool) -> dict[str, Any]:
+def _train(cfg, wd, mesh, quiet: bool, lease) -> dict[str, Any]:
+  # ---- State: fresh, or restored from the newest usable checkpoint (one decision for all hosts).
   setup = create_train_state(cfg, mesh)
-  train_iter = iter(data_lib.train_dataset(cfg.data, cfg.batch_size, cfg.seed))
   modes = eval_modes(cfg)
-  ckpts = ckpt_lib.Checkpoints(os.path.join(workdir, "checkpoints"), cfg.keep_checkpoints,
-                               async_save=cfg.async_checkpoints,
+  ckpts = ckpt_lib.Checkpoints(wd / "checkpoints", cfg.keep_checkpoints, async_save=cfg.async_checkpoints,
                                best_metric="accuracy_spike" if "spike" in modes else f"accuracy_{modes[0]}")
   state = setup.state
-  target = ckpt_lib.abstract_pure(setup.abstract, setup.shardings)
-  start, restored = ckpts.restore(target, train_iter, quarantine=jax.process_index() == 0)
+  try:
+    start, restored, position = ckpts.restore(ckpt_lib.abstract_pure(setup.abstract, setup.shardings),
+                                              quarantine=True, saved_config=ckpt_lib.read_config(wd, required=False),
+                                              config=cfg)
+  except ckpt_lib.CheckpointError:
+    ckpts.close()
+    raise
   if restored is not None:
     nnx.replace_by_pure_dict(state, restored)
   start = start or 0
   if start == 0 and cfg.init_from.checkpoint:
     from ge2mst_jax.finetune import load_pretrained  # fine-tuning start (eval/export issue)
     state = load_pretrained(cfg, setup, state)
+  if jax.process_index() == 0:
+    ckpt_lib.save_config(cfg, wd)  # only now: a refused restore leaves the run's config as it was
+
+  # ---- Input, resumed at the saved position (also on another host count: data.resume_records).
+  n_train = data_lib.num_examples(cfg.data, "train")
+  local_bs = data_lib.local_batch_size(cfg.batch_size)
+  records = data_lib.resume_records(position, n_train, start * local_bs)
+  train_iter = iter(data_lib.train_dataset(cfg.data, cfg.batch_size, cfg.seed, start=records))
+
   train_step = make_train_step(cfg, setup)
   eval_step = make_eval_step(cfg, setup, modes)
-  writer = MetricWriter(workdir, cfg.total_steps, start, quiet)
+  writer = MetricWriter(wd, cfg.total_steps, start, quiet)
   if start:
-    writer.log(f"Resumed from {ckpts.step_path(start)} at step {start}.")
+    writer.log(f"Resumed from {ckpts.step_path(start)} at step {start}"
+               f" (epoch {data_lib.data_position(records, n_train)['epoch']}).")
+
+  # ---- The loop.
   t0, seen, last_log = time.time(), 0, start
   try:
-    with _SignalFlag() as signals:
+    with PreemptionCheck() as preemption, Watchdog(cfg.watchdog_secs) as watchdog:
       for step in range(start + 1, cfg.total_steps + 1):
         batch = shd.global_batch(next(train_iter), mesh)
         state, metrics = train_step(state, batch)
+        records += local_bs
         seen += cfg.batch_size
+        watchdog.beat(step)
+        stop = preemption.reached(step)  # every host, every step: they agree on the step
         saving = bool(cfg.checkpoint_every) and step % cfg.checkpoint_every == 0 and step != cfg.total_steps
-        if step % cfg.log_every == 0 or step == cfg.total_steps or saving or signals.signum:
+        if step % cfg.log_every == 0 or step == cfg.total_steps or saving or stop:
           m = jax.device_get(metrics)
           if not m["finite"] and cfg.nonfinite == "stop":
             raise NonFiniteError(
@@ -383,35 +351,35 @@ def _train(cfg, workdir: str, mesh, quiet: bool) -> dict[str, Any]:
                 f"lower optimizer.lr or clip gradients (optimizer.grad_clip), or slow the alpha ramp "
                 f"(alpha.ramp_end); the last good checkpoint in {ckpts.directory} is kept "
                 f"(or set nonfinite='skip').")
-          dt = time.time() - t0
-          m["images_per_sec"] = seen / max(dt, 1e-9)
+          m["images_per_sec"] = seen / max(time.time() - t0, 1e-9)
+          m["epoch"] = records * jax.process_count() / n_train
           writer.write(step, m)
           writer.advance(step - last_log)
           last_log, seen, t0 = step, 0, time.time()
-        if saving:
-          ckpts.save(step, state, train_iter)
-        if signals.signum is not None:
-          if not saving:
-            ckpts.save(step, state, train_iter, force=True)
+        if saving or stop:
+          ckpts.save(step, state, data_lib.data_position(records, n_train), force=stop)
+        if stop:
           ckpts.wait()
-          raise Preempted(f"Stopped by signal {signals.signum} at step {step}; saved {ckpts.step_path(step)}. "
+          raise Preempted(f"Stopped by {preemption.describe()} at step {step}; saved {ckpts.step_path(step)}. "
                           f"Run the same command to resume.")
+        if lease is not None and lease.lost_to:
+          raise RuntimeError(f"Another run ({lease.lost_to}) took over the work directory {wd} (this run's "
+                             f"heartbeat was late by more than lease.timeout_secs); stopping without writing.")
         if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.total_steps:
-          res = evaluate(cfg, setup, state, eval_step, modes)
+          res = evaluate(cfg, setup, state, eval_step, modes, beat=lambda: watchdog.beat(step, "eval"))
           writer.write(step, res, "eval")
           ckpts.save_best(step, state, res)
       if start < cfg.total_steps:
-        ckpts.save(cfg.total_steps, state, train_iter, force=True)
-      final = evaluate(cfg, setup, state, eval_step, modes)
+        ckpts.save(cfg.total_steps, state, data_lib.data_position(records, n_train), force=True)
+      final = evaluate(cfg, setup, state, eval_step, modes, beat=lambda: watchdog.beat(cfg.total_steps, "eval"))
       writer.write(cfg.total_steps, final, "eval")
       ckpts.save_best(cfg.total_steps, state, final)
       ckpts.wait()
   finally:
     ckpts.close()  # waits for any save in flight
     writer.close()
-  summary = {"step": cfg.total_steps, "workdir": os.path.abspath(workdir), **final,
-             "T": arch_from_config(cfg).T, "K": arch_from_config(cfg).K}
+  arch = arch_from_config(cfg)
+  summary = {"step": cfg.total_steps, "workdir": str(wd), **final, "T": arch.T, "K": arch.K}
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-      json.dump(summary, f, indent=2)
+    paths.write_text_atomic(wd / "summary.json", json.dumps(summary, indent=2))
   return summary | {"state": state, "setup": setup}

@@ -23,6 +23,16 @@ def test_environment_for_the_re_execution():
   assert hp.huge_page_environ({}, None, "always") is None
   assert hp.huge_page_environ({}, (2, 36), "never") is None
   assert hp.huge_page_environ({}, (2, 36), None) is None
+  assert hp.huge_page_environ({}, (2, 36), "madvise", accelerator=True) is None
+
+
+def test_only_cpu_runs_re_execute():
+  none = lambda name: None
+  tpu = lambda name: object() if name == "libtpu" else None
+  assert not hp.accelerator_expected({}, none)
+  assert hp.accelerator_expected({}, tpu)                                  # a plugin is installed: JAX picks it
+  assert not hp.accelerator_expected({"JAX_PLATFORMS": "cpu"}, tpu)        # the user asked for the CPU
+  assert hp.accelerator_expected({"JAX_PLATFORMS": "cuda,cpu"}, none)
 
 
 def test_kernel_mode_is_read_from_the_bracketed_word(tmp_path):

@@ -1,0 +1,204 @@
+"""What keeps a run safe on a pod: the work-directory lease, one preemption decision for all
+hosts, and a step-progress watchdog.
+
+- `Lease`: process 0 owns the work directory through `lease.json` (an owner id and a
+  heartbeat time, refreshed by a thread). A fresh lease of another owner refuses the run; a
+  stale one (its holder died, e.g. a preempted node) is taken over, so a job requeued onto
+  other machines, or into a container where every run is pid 1, starts without help. It works
+  the same on a local disk and on a bucket (no O_EXCL, no pid checks).
+- `PreemptionCheck`: on one process, SIGTERM/SIGINT set a flag checked between steps. On
+  several, JAX's preemption service (started by `jax.distributed.initialize`, which catches
+  SIGTERM itself) tells every host the same step to save at, whichever host got the signal.
+- `Watchdog`: a host whose steps stop (a dead peer, a collective that never completes) logs
+  the step and host and exits with `EXIT_STALLED`, so the scheduler restarts the job from the
+  last checkpoint instead of holding the slice forever.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+import uuid
+
+import jax
+from etils import epath
+
+from ge2mst_jax import paths
+
+LEASE_FILE = "lease.json"
+EXIT_STALLED = 75  # EX_TEMPFAIL: "try again", what a scheduler's retry policy should see
+
+
+class NonFiniteError(FloatingPointError):
+  """Training produced a non-finite loss or gradient."""
+
+
+class Preempted(Exception):
+  """A stop was requested (SIGTERM/SIGINT, or a preemption notice on any host); the step was saved."""
+
+
+class LeaseHeldError(RuntimeError):
+  """Another live run holds the work directory."""
+
+
+def owner_id() -> str:
+  """Who a lease belongs to: the scheduler's job id when there is one (a requeued job takes its
+  own lease back at once), otherwise a fresh id per run."""
+  job = os.environ.get("GE2MST_JOB_ID") or os.environ.get("SLURM_JOB_ID")
+  return f"job-{job}" if job else uuid.uuid4().hex
+
+
+class Lease:
+  """Exclusive use of a work directory by one run: an owner id plus a heartbeat time."""
+
+  def __init__(self, workdir, timeout_secs: float = 60.0, heartbeat_secs: float = 10.0, owner: str | None = None):
+    self.path = epath.Path(workdir) / LEASE_FILE
+    self.timeout, self.interval = float(timeout_secs), float(heartbeat_secs)
+    self.owner = owner or owner_id()
+    self.lost_to: str | None = None
+    self._stop = threading.Event()
+    self._thread = None
+
+  def read(self) -> dict | None:
+    try:
+      rec = json.loads(self.path.read_text())
+      return rec if isinstance(rec, dict) and "owner" in rec and "heartbeat" in rec else None
+    except (FileNotFoundError, ValueError):
+      return None
+
+  def _write(self) -> None:
+    rec = {"owner": self.owner, "host": socket.gethostname(), "pid": os.getpid(), "heartbeat": time.time()}
+    paths.write_text_atomic(self.path, json.dumps(rec))
+
+  def check(self) -> None:
+    """Raises `LeaseHeldError` when another owner's heartbeat is fresh (nothing is written)."""
+    held = self.read()
+    if held is None or held["owner"] == self.owner:
+      return
+    age = time.time() - float(held["heartbeat"])
+    if age < self.timeout:
+      raise LeaseHeldError(
+          f"Work directory {self.path.parent} is in use by another run (owner {held['owner']}, "
+          f"process {held.get('pid')} on {held.get('host')}, heartbeat {age:.0f} s ago): wait for it, pass another "
+          f"--workdir, or if that run is gone its lease expires {self.timeout - age:.0f} s from now "
+          f"(lease.timeout_secs={self.timeout:g}).")
+    logging.warning("Taking over the stale lease of %s (owner %s, no heartbeat for %.0f s).",
+                    self.path.parent, held["owner"], age)
+
+  def acquire(self) -> "Lease":
+    self.check()
+    self._write()
+    # Two runs that both found the lease free both wrote it; the last write wins and the
+    # other sees it here. (Local disks and object stores give no compare-and-swap via epath.)
+    time.sleep(min(0.2, self.interval))
+    held = self.read()
+    if held is None or held["owner"] != self.owner:
+      raise LeaseHeldError(f"Work directory {self.path.parent} was taken by another run (owner "
+                           f"{(held or {}).get('owner')}) while this one started: pass another --workdir.")
+    self._thread = threading.Thread(target=self._beat, name="ge2mst-lease", daemon=True)
+    self._thread.start()
+    return self
+
+  def _beat(self) -> None:
+    while not self._stop.wait(self.interval):
+      try:
+        held = self.read()
+        if held is not None and held["owner"] != self.owner:
+          self.lost_to = held["owner"]
+          logging.error("Lost the lease of %s to %s.", self.path.parent, self.lost_to)
+          return
+        self._write()
+      except Exception as e:  # a transient storage error: try again at the next beat
+        logging.warning("Lease heartbeat failed (%s); retrying.", e)
+
+  def release(self) -> None:
+    self._stop.set()
+    if self._thread is not None:
+      self._thread.join()
+      self._thread = None
+      held = self.read()
+      if held is not None and held["owner"] == self.owner:
+        self.path.unlink(missing_ok=True)
+
+  def __enter__(self):
+    return self.acquire()
+
+  def __exit__(self, *exc):
+    self.release()
+
+
+class PreemptionCheck:
+  """`reached(step)` is True on every host at the same step once a stop was requested."""
+
+  def __init__(self):
+    self.multihost = jax.process_count() > 1
+    self.signum = None
+    self._old = {}
+
+  def __enter__(self):
+    # Multi-host: JAX's preemption notifier owns SIGTERM; a handler of ours would replace it.
+    if not self.multihost and threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._old[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    self.signum = signum
+
+  def __exit__(self, *exc):
+    for sig, handler in self._old.items():
+      signal.signal(sig, handler)
+
+  def reached(self, step: int) -> bool:
+    if not self.multihost:
+      return self.signum is not None
+    from jax.experimental import multihost_utils
+    return multihost_utils.reached_preemption_sync_point(step)
+
+  def describe(self) -> str:
+    return f"signal {self.signum}" if self.signum is not None else "a preemption notice"
+
+
+class Watchdog:
+  """Exits the process when `beat()` is not called for `timeout_secs` (0: off).
+
+  Armed by the first beat, so that the first step's compile does not count as a stall.
+  """
+
+  def __init__(self, timeout_secs: float, exit_fn=os._exit):
+    self.timeout = float(timeout_secs)
+    self.step, self.phase, self.last = 0, "start", None
+    self._exit = exit_fn
+    self._stop = threading.Event()
+    self._thread = None
+
+  def beat(self, step: int, phase: str = "train") -> None:
+    self.step, self.phase, self.last = step, phase, time.monotonic()
+
+  def __enter__(self):
+    if self.timeout > 0:
+      self._thread = threading.Thread(target=self._watch, name="ge2mst-watchdog", daemon=True)
+      self._thread.start()
+    return self
+
+  def _watch(self) -> None:
+    while not self._stop.wait(min(self.timeout / 4, 10.0)):
+      if self.last is not None and time.monotonic() - self.last > self.timeout:
+        msg = (f"watchdog: process {jax.process_index()} on {socket.gethostname()} made no progress for "
+               f"{self.timeout:g} s after {self.phase} step {self.step} (a stuck collective or a dead host); "
+               f"exiting with status {EXIT_STALLED} so the job restarts from its last checkpoint.")
+        logging.error(msg)
+        print(msg, file=sys.stderr, flush=True)
+        self._exit(EXIT_STALLED)
+        return
+
+  def __exit__(self, *exc):
+    self._stop.set()
+    if self._thread is not None:
+      self._thread.join()
