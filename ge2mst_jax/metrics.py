@@ -44,6 +44,39 @@ class _ObjectLog:
     self.flush()
 
 
+class _ObjectRecordWriter(_ObjectLog):
+  """tensorboardX's record-writer interface over one object (event files are appended to
+  locally; in a bucket they are rewritten whole like metrics.jsonl)."""
+
+  def __init__(self, path):
+    super().__init__(epath.Path(path), flush_secs=float("inf"))  # tensorboardX calls flush itself
+    self.text = b""
+
+  def write(self, data: bytes) -> None:
+    self.text += data
+    self.dirty = True
+
+  def flush(self) -> None:
+    if self.dirty:
+      self.path.write_bytes(self.text)
+      self.dirty = False
+
+
+class _ObjectRecordWriterFactory:
+  def open(self, path):
+    return _ObjectRecordWriter(path)
+
+  def directory_check(self, path):
+    del path  # object stores have no directories to create
+
+
+def _register_bucket_event_writer() -> None:
+  # tensorboardX's own gs:// writer needs google-cloud-storage and re-uploads from __del__
+  # (at interpreter exit, possibly after the storage is gone); epath is what we use everywhere.
+  from tensorboardX import record_writer
+  record_writer.register_writer_factory("gs", _ObjectRecordWriterFactory())
+
+
 class MetricWriter:
   def __init__(self, workdir, total_steps: int, initial_step: int = 0, quiet: bool = False,
                flush_secs: float = 30.0):
@@ -59,7 +92,9 @@ class MetricWriter:
     else:
       self.jsonl = open(wd / METRICS_FILE, "a", buffering=1)  # a local file: line-buffered appends
     try:
-      from tensorboardX import SummaryWriter  # writes gs:// through google-cloud-storage
+      from tensorboardX import SummaryWriter
+      if paths.is_remote(wd):
+        _register_bucket_event_writer()
       self.tb = SummaryWriter(str(wd / "tb"), flush_secs=int(flush_secs))
     except ImportError:  # TensorBoard files are a convenience; JSONL is the record
       self.tb = None

@@ -46,15 +46,22 @@ def write_text_atomic(path, text: str) -> None:
   tmp.replace(path)
 
 
+def files(path) -> list[epath.Path]:
+  """Every file below a directory (epath's walk() drops the gs:// scheme from what it yields)."""
+  out = []
+  for p in epath.Path(path).iterdir():
+    out.extend(files(p) if p.is_dir() else [p])
+  return out
+
+
 def move_tree(src, dst) -> None:
   """Moves a directory. On a bucket, object by object (server-side copy, then delete)."""
   src, dst = epath.Path(src), epath.Path(dst)
   if not is_remote(src):
     src.rename(dst)
     return
-  for root, _, files in src.walk():
-    for name in files:
-      rel = os.path.relpath(os.fspath(root / name), os.fspath(src))
-      (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-      (root / name).copy(dst / rel)
+  for f in files(src):
+    target = dst / os.path.relpath(os.fspath(f), os.fspath(src))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    f.copy(target)
   src.rmtree()
