@@ -63,6 +63,12 @@ def tfds_source(name: str, split: str, data_dir: str | None):
   """`tfds.data_source` over prepared ArrayRecord files, with a clear error when they are missing."""
   import tensorflow_datasets as tfds
 
+  if data_dir and "://" in data_dir:
+    # array_record's reader (C++, under tfds.data_source) opens local files only: measured, it
+    # fails on gs:// even where epath, gcsfs and tensorstore reach the bucket.
+    raise DataError(f"data.data_dir={data_dir}: ArrayRecord files are read from a local path only; mount the "
+                    f"bucket (e.g. `gcsfuse --implicit-dirs BUCKET /gcs/BUCKET`) or copy the prepared data to "
+                    f"local disk, and pass that directory.")
   try:
     return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
   except Exception as e:  # tfds raises several types for "not prepared"

@@ -17,6 +17,7 @@ from ge2mst_jax import evaluation
 from ge2mst_jax.export import export, load
 from ge2mst_jax import paths
 from ge2mst_jax import run_control
+from ge2mst_jax import sharding as shd
 from ge2mst_jax import train_lib
 from tests.test_train import small_digits
 
@@ -121,3 +122,12 @@ def test_a_missing_bucket_is_one_line_before_anything_is_written(gcs):
     train_lib.train_and_evaluate(small_digits(2), "gs://no-such-bucket/run", quiet=True)
   assert "\n" not in str(err.value)
   assert not epath.Path(f"{gcs}/run").exists()
+
+
+def test_a_data_dir_in_a_bucket_says_to_mount_it():
+  cfg = small_digits(2)
+  cfg.data.name, cfg.data.data_dir = "cifar10", "gs://bucket/tfds"
+  with pytest.raises(ValueError, match=r"data.data_dir=gs://bucket/tfds: ArrayRecord files are read from a local "
+                                       r"path only; mount the bucket .*gcsfuse") as err:
+    train_lib.validate_config(cfg, shd.make_mesh(1))
+  assert "\n" not in str(err.value)
