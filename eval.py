@@ -26,8 +26,6 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv
-  from etils import epath
-
   from ge2mst_jax import checkpoint as ckpt_lib
   from ge2mst_jax import evaluation, paths, sharding
 

@@ -22,7 +22,6 @@ import logging
 
 import jax
 import ml_collections
-import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx

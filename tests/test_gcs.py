@@ -8,7 +8,6 @@ import subprocess
 import sys
 import time
 
-import jax
 import numpy as np
 import pytest
 from etils import epath

@@ -13,7 +13,6 @@ import time
 import jax
 import numpy as np
 import pytest
-from flax import nnx
 
 from configs import imagenet2012
 from ge2mst_jax import checkpoint as ckpt_lib
@@ -48,8 +47,10 @@ def _start_hosts(n: int, workdir, *overrides):
   import portpicker
   port = str(portpicker.pick_unused_port())
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+  # Quantize-mode evaluation only: spike-mode equality is tested elsewhere, and its compile
+  # would double every host's start-up here.
   return [subprocess.Popen([sys.executable, "-m", "tests.multihost_worker", str(i), str(n), port, str(workdir),
-                            f"total_steps={STEPS}", *overrides],
+                            f"total_steps={STEPS}", "eval_modes=('quantize',)", *overrides],
                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
           for i in range(n)]
 
@@ -66,7 +67,7 @@ def test_sigterm_to_one_host_saves_one_step_everywhere_and_restores_on_any_host_
   # The uninterrupted two-host run: both hosts end with the same parameters, each read its own shard.
   ref = _finish(_start_hosts(2, tmp_path / "ref"))
   assert {r["pid"] for r in ref} == {0, 1} and all(r["n"] == 2 for r in ref)
-  assert ref[0]["digest"] == ref[1]["digest"] and ref[0]["accuracy_spike"] == ref[1]["accuracy_spike"]
+  assert ref[0]["digest"] == ref[1]["digest"] and ref[0]["accuracy_quantize"] == ref[1]["accuracy_quantize"]
 
   # SIGTERM to one host, chosen at random, at a random step: both hosts save the same step and exit.
   rng = random.Random(int(time.time()))
@@ -91,8 +92,7 @@ def test_sigterm_to_one_host_saves_one_step_everywhere_and_restores_on_any_host_
   # The same command again: the pair finishes with the uninterrupted run's final state and metrics.
   resumed = _finish(_start_hosts(2, cut))
   assert [r["digest"] for r in resumed] == [r["digest"] for r in ref]
-  for k in ("accuracy_quantize", "accuracy_spike", "prediction_agreement"):
-    assert resumed[0][k] == ref[0][k], k
+  assert resumed[0]["accuracy_quantize"] == ref[0]["accuracy_quantize"] and resumed[0]["examples"] == 360
   ref_loss = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "ref")}
   assert all(r["loss"] == ref_loss[r["step"]] for r in read_metrics(cut))
 
@@ -102,12 +102,13 @@ def test_sigterm_to_one_host_saves_one_step_everywhere_and_restores_on_any_host_
   n_train, batch = data_lib.num_examples(small_digits().data, "train"), small_digits().batch_size
   four = _finish(_start_hosts(4, tmp_path / "cut_on_4"))
   assert all(r["n"] == 4 for r in four) and len({r["digest"] for r in four}) == 1
-  one = train_lib.train_and_evaluate(small_digits(STEPS), str(tmp_path / "cut_on_1"), quiet=True)
+  one = train_lib.train_and_evaluate(small_digits(STEPS, eval_modes=("quantize",)), str(tmp_path / "cut_on_1"),
+                                     quiet=True)
   for wd in ("cut_on_4", "cut_on_1"):
     recs = [r for r in read_metrics(tmp_path / wd) if r["step"] > step]   # the resumed run's records
     assert [r["step"] for r in recs] == list(range(step + 1, STEPS + 1)), wd
     assert abs(recs[0]["epoch"] - (saved_epoch + batch / n_train)) < 4 / n_train, wd
-  assert one["examples"] == 360 and np.isfinite(one["accuracy_spike"])
+  assert one["examples"] == 360 and np.isfinite(one["accuracy_quantize"])
 
 
 def test_data_position_across_host_counts(monkeypatch):
@@ -289,3 +290,25 @@ def test_mixing_partners_stay_in_their_shard():
   labels = np.asarray(labels)
   assert images.shape == x.shape and np.allclose(labels.sum(-1), 1.0)
   assert all(set(np.flatnonzero(labels[i])) <= {i % 10, expected[i] % 10} for i in range(32))
+
+
+def test_a_work_directory_that_cannot_be_written_is_one_line(tmp_path):
+  (tmp_path / "a_file").write_text("")
+  wd = tmp_path / "a_file" / "run"          # what a read-only mount or a missing permission looks like
+  with pytest.raises(RuntimeError, match=r"Cannot (use|write) the work directory .*a_file/run: \w+Error") as err:
+    train_lib.train_and_evaluate(small_digits(2), str(wd), quiet=True)
+  assert "\n" not in str(err.value) and (tmp_path / "a_file").read_text() == ""
+
+
+def test_compile_cache_location(monkeypatch, tmp_path):
+  old = jax.config.jax_compilation_cache_dir
+  try:
+    assert shd.enable_compile_cache("") == os.environ["JAX_COMPILATION_CACHE_DIR"]   # the environment wins
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert shd.enable_compile_cache("") == str(tmp_path / "ge2mst_jax" / "xla")
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path / "ge2mst_jax" / "xla")
+    assert shd.enable_compile_cache("/somewhere/else") == "/somewhere/else"
+    assert shd.enable_compile_cache("off") is None
+  finally:
+    jax.config.update("jax_compilation_cache_dir", old)
