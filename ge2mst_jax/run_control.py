@@ -53,6 +53,23 @@ def owner_id() -> str:
   return f"job-{job}" if job else uuid.uuid4().hex
 
 
+def _dead_here(held: dict) -> bool:
+  """A holder on this machine whose process is gone (killed, crashed), or that had the pid this
+  process has now (a container where every run is pid 1): no need to wait for its lease to expire."""
+  if held.get("host") != socket.gethostname():
+    return False
+  pid = int(held.get("pid", 0))
+  if pid == os.getpid():
+    return True
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return True
+  except (PermissionError, OSError):
+    return False
+  return False
+
+
 class Lease:
   """Exclusive use of a work directory by one run: an owner id plus a heartbeat time."""
 
@@ -81,7 +98,7 @@ class Lease:
     if held is None or held["owner"] == self.owner:
       return
     age = time.time() - float(held["heartbeat"])
-    if age < self.timeout:
+    if age < self.timeout and not _dead_here(held):
       raise LeaseHeldError(
           f"Work directory {self.path.parent} is in use by another run (owner {held['owner']}, "
           f"process {held.get('pid')} on {held.get('host')}, heartbeat {age:.0f} s ago): wait for it, pass another "

@@ -163,6 +163,18 @@ def test_a_fresh_lease_refuses_the_run_and_a_stale_one_is_taken_over(tmp_path):
   assert not lease.exists()                                            # released
 
 
+def test_a_killed_run_on_this_machine_does_not_block_a_restart(tmp_path):
+  lease = tmp_path / run_control.LEASE_FILE
+  lease.write_text(json.dumps({"owner": "killed", "host": os.uname().nodename, "pid": 999999999,
+                               "heartbeat": time.time()}))       # SIGKILLed a moment ago
+  with run_control.Lease(tmp_path) as mine:
+    assert json.loads(lease.read_text())["owner"] == mine.owner
+  lease.write_text(json.dumps({"owner": "alive", "host": os.uname().nodename, "pid": os.getppid(),
+                               "heartbeat": time.time()}))
+  with pytest.raises(run_control.LeaseHeldError):
+    run_control.Lease(tmp_path).acquire()
+
+
 def test_a_requeued_job_takes_its_own_lease_back(tmp_path, monkeypatch):
   monkeypatch.setenv("SLURM_JOB_ID", "4242")
   (tmp_path / run_control.LEASE_FILE).write_text(_lease_record("job-4242", age=1))
