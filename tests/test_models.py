@@ -128,59 +128,6 @@ def test_spike_mode_equals_quantize_mode_float32():
   assert agree >= 0.9
 
 
-@pytest.mark.parametrize("dtype,precision", [("bfloat16", "bfloat16"), ("float32", "bfloat16"), ("float32", "highest")])
-def test_spike_mode_agrees_with_quantize_mode_in_bfloat16_and_at_any_matmul_precision(dtype, precision):
-  """Random eval-mode networks (2 seeds x 32 images). Every synaptic operand is an exact small
-  integer (spikes, codes), the kernels are rounded alike in both modes and sums are float32, so
-  bfloat16 compute, or an accelerator's default matmul precision (bfloat16 passes, TF32), leaves
-  the two modes equal. (XLA:CPU computes float32 matmuls in full whatever the setting; the
-  bfloat16 dtype rounds the operands as such a backend would.)"""
-  both = nnx.jit(lambda m, x: (m(x, mode="quantize"), m(x, mode="spike")))
-  agree, rel = [], []
-  for seed in (0, 1):
-    model = models.create_model("ge2mst_tiny", 10, nnx.Rngs(seed), dtype=dtype)
-    model.eval()
-    x = jax.random.normal(jax.random.key(10 + seed), (32, 32, 32, 3))
-    with jax.default_matmul_precision(precision):
-      yq, ys = both(model, x)
-    agree.append(np.asarray(jnp.argmax(yq, -1) == jnp.argmax(ys, -1)))
-    rel.append(np.asarray(jnp.max(jnp.abs(yq - ys), -1) / jnp.max(jnp.abs(yq))))
-  agree, rel = np.concatenate(agree).mean(), np.concatenate(rel)
-  print(f"{dtype} at {precision} precision: agreement {agree:.4f}, per-image max relative logit difference "
-        f"median {np.median(rel):.1e}, max {rel.max():.1e}")
-  assert np.median(rel) < 1e-5
-  if dtype == "bfloat16":  # integer x bfloat16 products are exact in float32: sums agree to the last bits
-    assert agree >= 0.995 and rel.max() < 1e-5
-  else:  # code x float32-weight products round, differently summed: a neuron within ulps of a threshold
-    assert agree >= 0.98  # can take the neighbouring level (measured 63/64 on this draw, 192/192 on another)
-
-
-def test_spike_mode_on_a_training_mode_network_is_an_error():
-  model = models.create_model("ge2mst_tiny", 10, nnx.Rngs(0))   # create_model returns it in training mode
-  x = jnp.zeros((1, 32, 32, 3))
-  with pytest.raises(ValueError, match=r"training mode .* call model\.eval\(\) first"):
-    model(x, mode="spike")
-  model.eval()
-  assert model(x, mode="spike").shape == (1, 10)
-
-
-def test_alpha_one_takes_the_grid_product_whatever_its_type():
-  """alpha = 1 as a numpy or JAX scalar, or traced under jit, computes what the Python float does:
-  the attention products on the operands' integer grids, bit for bit."""
-  att = attention.SpikingAttention(16, 2, 2, neuron=dict(T=4, K=2), rngs=nnx.Rngs(0))
-  att.eval()
-  x = jax.random.normal(jax.random.key(2), (2, 8, 8, 16))
-  want = np.asarray(att(x, mode="quantize", alpha=1.0))
-  traced = nnx.jit(lambda m, x, a: m(x, mode="quantize", alpha=a))
-  for alpha in (np.float32(1), np.float64(1), jnp.float32(1), jnp.ones(()), np.ones(())):
-    np.testing.assert_array_equal(np.asarray(att(x, mode="quantize", alpha=alpha)), want)
-    np.testing.assert_array_equal(np.asarray(traced(att, x, alpha)), want)
-  # below 1 the traced path blends and takes the plain product, as a static alpha does (the blend's
-  # constants fold differently, hence not bitwise)
-  static_half = nnx.jit(lambda m, x: m(x, mode="quantize", alpha=0.5))
-  np.testing.assert_allclose(traced(att, x, jnp.float32(0.5)), static_half(att, x), rtol=1e-5, atol=1e-5)
-
-
 def test_spike_mode_is_multiplication_free(monkeypatch):
   """Every synaptic layer and attention product in spike mode receives spike tensors only,
   and no neuron fires more than K times."""
