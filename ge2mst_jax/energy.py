@@ -35,17 +35,6 @@ def instrumented_forward(model, images, mode: str = "spike"):
   return capture_stats(lambda m, x: m(x, mode=mode, collect=True), model, images)
 
 
-def sop_layer(path: tuple) -> str | None:
-  """The layer a sown SOP count belongs to, named as the layer's trace scope (`audit.py`):
-  `stages.1.1.attn.k` for a synaptic layer's 'sops', `stages.1.1.attn.qk` for a product's
-  'qk_sops'; None for a path that is not an SOP count."""
-  kind = path[-1]
-  if not kind.endswith("sops"):
-    return None
-  layer = ".".join(path[:-1])
-  return layer if kind == "sops" else f"{layer}.{kind[:-5]}"
-
-
 def _unit(path: tuple) -> tuple[str, str, str]:
   """(stage, block, layer) names of a stat path like ('stages','2','1','attn','q','conv','sops')."""
   if path[0] == "stages":
@@ -65,7 +54,8 @@ def summarize(flat_spike: dict, flat_quant: dict | None, batch: int, T: int) -> 
     stage, block, layer = _unit(path)
     kind = path[-1]
     if kind.endswith("sops"):
-      sops[sop_layer(path)] += v / batch
+      name = layer if kind == "sops" else f"{layer}.{kind[:-5]}"
+      sops[name] += v / batch
       per_block[block] += v / batch
       per_stage[stage] += v / batch
     elif kind == "spike_count":
@@ -97,17 +87,13 @@ def summarize(flat_spike: dict, flat_quant: dict | None, batch: int, T: int) -> 
 
 
 def energy_report(model, images) -> dict[str, Any]:
-  """Exact SOP / firing-rate / energy report of `model` on `images` (BN in eval mode).
-
-  Run at 'highest' matmul precision: the spikes counted are then the float32 network's on
-  every backend (an accelerator's default would round the weights to TF32 or bfloat16)."""
+  """Exact SOP / firing-rate / energy report of `model` on `images` (BN in eval mode)."""
   model.eval()
-  with jax.default_matmul_precision("highest"):
-    if model.cfg.paradigm == "stbp":  # the STBP network is its own spiking network
-      _, flat = instrumented_forward(model, images, mode="stbp")
-      return summarize(jax.device_get(flat), None, images.shape[0], model.cfg.T)
-    _, flat_s = instrumented_forward(model, images, mode="spike")
-    _, flat_q = instrumented_forward(model, images, mode="quantize")
+  if model.cfg.paradigm == "stbp":  # the STBP network is its own spiking network
+    _, flat = instrumented_forward(model, images, mode="stbp")
+    return summarize(jax.device_get(flat), None, images.shape[0], model.cfg.T)
+  _, flat_s = instrumented_forward(model, images, mode="spike")
+  _, flat_q = instrumented_forward(model, images, mode="quantize")
   flat_s = jax.device_get(flat_s)
   flat_q = jax.device_get(flat_q)
   return summarize(flat_s, flat_q, images.shape[0], model.cfg.T)
