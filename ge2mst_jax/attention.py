@@ -2,10 +2,9 @@
 
 SSA has no softmax and no real-valued products: `A = IF(Q K^T 2^-m)`, `O = IF±(A V)`
 with Q, K, V spike-coded by symmetric ExpG-IF neurons. In spike mode each product
-takes two `SpikeTrain`s and is computed from their spikes, step against step: every
-pair of coinciding spikes adds a power of two (a shift) to its output, and the
-result is scaled once by the two presynaptic `lam / Z`. Only the 'code' integration
-regroups it as the product of the two integer codes (the same integer).
+takes two `SpikeTrain`s: their exact integer codes (shift-and-add decodings) are
+multiplied as integers, so the work is additions of shifted values, and the
+result is scaled once by the two presynaptic `lam / Z`.
 
 GW-SSA splits channels into a global part (strided groups `x[i::s, j::s]`) and a
 local part (`s x s` windows); both groupings are reshapes + one transpose, and the
@@ -20,8 +19,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ge2mst_jax.blocks import STATS_SCOPE, SConv, SynapticConv, acc_dtype, grid_scale, named
-from ge2mst_jax.neurons import SpikeStats, SpikeTrain, make_neuron, static_alpha, weighted_step_sum
+from ge2mst_jax.blocks import SConv, SynapticConv
+from ge2mst_jax.neurons import SpikeStats, SpikeTrain, code_scale, make_neuron
 
 GROUPINGS = ("global", "local")
 
@@ -79,49 +78,19 @@ def split_heads(x: jax.Array, heads: int) -> jax.Array:
 # ----------------------------------------------------------------------------
 # Products of spike-coded operands
 # ----------------------------------------------------------------------------
-def spike_pair_product(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
-  """`einsum(spec, code(a), code(b))` from spike steps `a` `(Ta, ...)` and `b` `(Tb, ...)`.
-
-  Step t of `a` meets all steps of `b` in one einsum whose operands are both spikes: each
-  pair of coinciding spikes adds one to an output of that pair of steps. The step outputs
-  are then weighted by `2^(Tb-u)` and `2^(Ta-t)` (Horner's rule: doublings and adds). A
-  loop over `a`'s steps keeps one `(Tb, *out)` block alive rather than `(Ta, Tb, *out)`.
-  All sums are integers, exact in float32 below 2^24, so this is bitwise the code product.
-  """
-  ins, out = spec.split("->")
-  sa, sb = ins.split(",")
-  u = next(c for c in "uvwxyzabcdefghijklmnopqrst" if c not in spec)
-  step_spec = f"{sa},{u}{sb}->{u}{out}"
-  acc = acc_dtype(a.dtype)
-  total = None
-  for t in range(a.shape[0]):
-    p = weighted_step_sum(jnp.einsum(step_spec, a[t], b, preferred_element_type=acc))
-    total = p if total is None else total * 2 + p
-  return total
-
-
 def spike_einsum(spec: str, a: SpikeTrain, b: SpikeTrain, *, sow_to: nnx.Module | None = None,
                  name: str = "matmul") -> jax.Array:
   """`einsum(spec, decode(a), decode(b))` computed from the spikes alone.
 
-  'steps' integration (the default): `spike_pair_product`, step against step, every
-  product has a spike operand on both sides. 'code': the two integer codes multiplied,
-  the same integer regrouped (fewer operations, but an integer-by-integer product).
-  Integer sums are exact in float32 while they stay below 2^24 (T=4: 144 per pair, so
-  over 100 000 terms). SOPs: each pair of non-zero spikes meeting in the product is one
-  accumulate (of a shifted threshold), i.e. `einsum(spec, n_a, n_b)` summed, where `n`
-  counts the spikes of an element over the T steps.
+  Integer codes are exact in float32 while a sum stays below 2^24 (T=4: 225 per pair,
+  so over 70 000 terms). SOPs: each pair of non-zero spikes meeting in the product is
+  one accumulate (of a shifted threshold), i.e. `einsum(spec, n_a, n_b)` summed, where
+  `n` counts the spikes of an element over the T steps.
   """
-  acc = acc_dtype(a.spikes.dtype)
-  if a.integration == "code":
-    prod = jnp.einsum(spec, a.code(), b.code(), preferred_element_type=acc)
-  else:
-    prod = spike_pair_product(spec, a.spikes, b.spikes)
-  out = prod * (a.scale * b.scale).astype(acc)
+  out = jnp.einsum(spec, a.code(), b.code()) * (a.scale * b.scale).astype(a.spikes.dtype)
   if sow_to is not None:
-    with jax.named_scope(STATS_SCOPE):
-      count = lambda t: jnp.sum(jnp.abs(t.spikes), axis=0, dtype=jnp.float32)
-      sow_to.sow(SpikeStats, f"{name}_sops", jnp.sum(jnp.einsum(spec, count(a), count(b))))
+    count = lambda t: jnp.sum(jnp.abs(t.spikes), axis=0, dtype=jnp.float32)
+    sow_to.sow(SpikeStats, f"{name}_sops", jnp.sum(jnp.einsum(spec, count(a), count(b))))
   return out
 
 
@@ -137,9 +106,7 @@ def grid_einsum(spec: str, a, b, scale_a, scale_b):
   The derivative is the bilinear one of the plain einsum.
   """
   code = lambda t, sc: jnp.round(t * (1 / sc).astype(t.dtype))
-  acc = acc_dtype(a.dtype)
-  prod = jnp.einsum(spec, code(a, scale_a), code(b, scale_b), preferred_element_type=acc)
-  return prod * (scale_a * scale_b).astype(acc)
+  return jnp.einsum(spec, code(a, scale_a), code(b, scale_b)) * (scale_a * scale_b).astype(a.dtype)
 
 
 @grid_einsum.defjvp
@@ -149,31 +116,15 @@ def _grid_einsum_jvp(spec, primals, tangents):
   return grid_einsum(spec, a, b, sa, sb), jnp.einsum(spec, da, b) + jnp.einsum(spec, a, db)
 
 
-def _quantize_product(spec, a, b, alpha, scales):
-  """The quantize-mode product: on the grids (alpha = 1) `grid_einsum`, else the plain einsum.
-
-  A traced alpha (training) picks between them with `lax.cond`, so alpha = 1 takes the grid
-  product whether it is a Python, numpy or JAX scalar, static or traced.
-  """
-  plain = lambda a, b: jnp.einsum(spec, a, b)
-  grid = lambda a, b: grid_einsum(spec, a, b, *scales)
-  known = static_alpha(alpha)
-  if known is not None:
-    return grid(a, b) if known >= 1 else plain(a, b)
-  return jax.lax.cond(jnp.asarray(alpha) >= 1, grid, plain, a, b)
-
-
-def _product(spec, a, b, mode, owner, name, collect, alpha=1.0, scales=None):
-  with named(f"{owner.scope}.{name}" if owner.scope else ""):
-    if mode == "spike":
-      out = spike_einsum(spec, a, b, sow_to=owner if collect else None, name=name)
-      contracted = a.spikes.shape[-1]
-    else:
-      out = jnp.einsum(spec, a, b) if scales is None else _quantize_product(spec, a, b, alpha, scales)
-      contracted = a.shape[-1]
-      if mode == "stbp" and collect:  # binary spikes of one step meet: one accumulate per pair
-        with jax.named_scope(STATS_SCOPE):
-          owner.sow(SpikeStats, f"{name}_sops", jnp.sum(jnp.einsum(spec, jnp.abs(a), jnp.abs(b))))
+def _product(spec, a, b, mode, owner, name, collect, scales=None):
+  if mode == "spike":
+    out = spike_einsum(spec, a, b, sow_to=owner if collect else None, name=name)
+    contracted = a.spikes.shape[-1]
+  else:
+    out = jnp.einsum(spec, a, b) if scales is None else grid_einsum(spec, a, b, *scales)
+    contracted = a.shape[-1]
+    if mode == "stbp" and collect:  # binary spikes of one step meet: one accumulate per pair
+      owner.sow(SpikeStats, f"{name}_sops", jnp.sum(jnp.einsum(spec, jnp.abs(a), jnp.abs(b))))
   if collect:  # dense MACs per image (and per step in stbp): every output sums `contracted` products
     per_image = out.shape[0] * (out.shape[1] if mode == "stbp" else 1)
     owner.sow(SpikeStats, f"{name}_macs", jnp.asarray(out.size // per_image * contracted, jnp.float32))
@@ -207,7 +158,6 @@ class SpikingAttention(nnx.Module):
       if c % heads:
         raise ValueError(f"Attention part {kind or 'ssa'} has {c} channels, not divisible by heads={heads}.")
     head_dim = min(c for _, c in self.parts) // heads
-    self.scope = ""   # the layer's path in the network, set by the model; products trace as scope.qk/.av
     self.scale_log2 = int(round(0.5 * math.log2(head_dim))) if scale_log2 is None else int(scale_log2)
     sym = dict(neuron, symmetric=True)
     self.q = SConv(dim, dim, 1, neuron=neuron, dtype=dtype, rngs=rngs)  # IF(X) -> 1x1 -> BN
@@ -221,20 +171,21 @@ class SpikingAttention(nnx.Module):
   def attend(self, q, k, v, *, mode, alpha, collect):
     """Attention of spike-coded `q, k, v` laid out `(..., G, N, heads, d)` (any leading dims)."""
     kw = dict(mode=mode, alpha=alpha, collect=collect)
-    # At alpha = 1 the quantize-mode operands are exactly on their grids (`grid_einsum`).
-    pair = lambda n1, n2: (n1.code_scale(q.dtype), n2.code_scale(q.dtype)) if mode == "quantize" else None
-    scores = _product("...gnhd,...gmhd->...ghnm", q, k, mode, self, "qk", collect, alpha, pair(self.q_if, self.k_if))
+    # With a static alpha = 1 (evaluation) the operands are exactly on their grids.
+    on_grid = mode == "quantize" and isinstance(alpha, (int, float)) and alpha >= 1
+    scale = lambda n: code_scale(n.threshold(), n.T, n.K, q.dtype) if on_grid else None
+    pair = lambda n1, n2: (scale(n1), scale(n2)) if on_grid else None
+    scores = _product("...gnhd,...gmhd->...ghnm", q, k, mode, self, "qk", collect, pair(self.q_if, self.k_if))
     a = self.attn_if(scores * (2.0 ** -self.scale_log2), **kw)  # a shift
-    return _product("...ghnm,...gmhd->...gnhd", a, v, mode, self, "av", collect, alpha, pair(self.attn_if, self.v_if))
+    return _product("...ghnm,...gmhd->...gnhd", a, v, mode, self, "av", collect, pair(self.attn_if, self.v_if))
 
   def __call__(self, x, *, mode="quantize", alpha=1.0, collect=False, spikes_in=None):
     """`x`: the block's real input. `spikes_in`: its ExpG-IF spikes if already emitted."""
     kw = dict(mode=mode, alpha=alpha, collect=collect)
     s = spikes_in if spikes_in is not None else self.q.neuron(x, **kw)
-    syn = dict(mode=mode, collect=collect, in_scale=grid_scale(self.q.neuron, mode, x.dtype))
-    q = self.q_if(self.q.conv(s, **syn), **kw)
-    k = self.k_if(self.k(s, **syn), **kw)
-    v = self.v_if(self.v(s, **syn), **kw)
+    q = self.q_if(self.q.conv(s, mode=mode, collect=collect), **kw)
+    k = self.k_if(self.k(s, mode=mode, collect=collect), **kw)
+    v = self.v_if(self.v(s, mode=mode, collect=collect), **kw)
     H, W = x.shape[-3:-1]
     outs, start = [], 0
     for kind, c in self.parts:   # at most two parts: the global and the local channels
@@ -249,7 +200,7 @@ class SpikingAttention(nnx.Module):
       outs.append(ungroup(self.attend(*g, **kw)))
       start += c
     o = jnp.concatenate(outs, axis=-1) if len(outs) > 1 else outs[0]
-    return self.proj(self.out_if(o, **kw), mode=mode, collect=collect, in_scale=grid_scale(self.out_if, mode, o.dtype))
+    return self.proj(self.out_if(o, **kw), mode=mode, collect=collect)
 
 
 class AttentionBlock(nnx.Module):
@@ -272,5 +223,5 @@ class AttentionBlock(nnx.Module):
     s = self.attn.q.neuron(x, mode=mode, alpha=alpha, collect=collect)
     y = x + self.attn(x, mode=mode, alpha=alpha, collect=collect, spikes_in=s)
     if self.conv is not None:
-      y = y + self.conv(s, mode=mode, collect=collect, in_scale=grid_scale(self.attn.q.neuron, mode, x.dtype))
+      y = y + self.conv(s, mode=mode, collect=collect)
     return y

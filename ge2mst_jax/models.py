@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ge2mst_jax.attention import AttentionBlock, SpikingAttention, check_divisible
-from ge2mst_jax.blocks import SFFN, EventFrameAdapter, SConv, Stem, SynapticConv, grid_scale
+from ge2mst_jax.attention import AttentionBlock, check_divisible
+from ge2mst_jax.blocks import SFFN, EventFrameAdapter, SConv, Stem, SynapticConv
 from ge2mst_jax.neurons import INTEGRATIONS, METHODS, PARADIGMS, check_tk, make_neuron
 from ge2mst_jax.stbp import RESETS, SURROGATES
 
@@ -171,15 +171,6 @@ class Ge2msT(nnx.Module):
     self.stages = nnx.List(stages)
     self.head_if = make_neuron(**nr)
     self.classifier = SynapticConv(c4, num_classes, 1, bn=False, bias=True, dtype=dt, rngs=rngs)
-    # Each synaptic layer traces under its path (as energy.py names it): audit.py and profiles read it.
-    for path, module in nnx.iter_graph(self):
-      if isinstance(module, (SynapticConv, SpikingAttention)):
-        module.scope = ".".join(map(str, path))
-
-  def training(self) -> bool:
-    """Whether any BatchNorm normalises with batch statistics (`model.train()`, the state after
-    `create_model`) rather than running statistics (`model.eval()`)."""
-    return any(isinstance(m, nnx.BatchNorm) and not m.use_running_average for _, m in nnx.iter_graph(self))
 
   def check_input(self, images) -> None:
     """One-line errors for images that do not fit this network (raised before any compile)."""
@@ -207,9 +198,6 @@ class Ge2msT(nnx.Module):
       raise ValueError(f"Unknown mode {mode!r}: use 'quantize' (training) or 'spike' (inference).")
     if (mode == "stbp") != (self.cfg.paradigm == "stbp"):
       raise ValueError(f"A {self.cfg.paradigm!r} network runs in mode(s) {self.cfg.eval_modes}, not {mode!r}.")
-    if mode == "spike" and self.training():
-      raise ValueError("Spike mode is inference, but this network is in training mode (its quantize mode would "
-                       "use batch statistics): call model.eval() first.")
     self.check_input(images)
     kw = dict(mode=mode, alpha=alpha, collect=collect)
     x = images.astype(jnp.promote_types(self.cfg.dtype, jnp.float32))
@@ -227,9 +215,7 @@ class Ge2msT(nnx.Module):
       # pools first (the same function, fewer operations).
       logits = jnp.mean(self.classifier(s, mode=mode, collect=collect), axis=(-3, -2))
     else:
-      pooled = jnp.mean(s, axis=(-3, -2), keepdims=True)
-      logits = self.classifier(pooled, mode=mode, collect=collect,
-                               in_scale=grid_scale(self.head_if, mode, pooled.dtype))[..., 0, 0, :]
+      logits = self.classifier(jnp.mean(s, axis=(-3, -2), keepdims=True), mode=mode, collect=collect)[..., 0, 0, :]
     return jnp.mean(logits, axis=0) if mode == "stbp" else logits
 
 

@@ -317,14 +317,6 @@ def expg_spikes(x, lam, T: int, K: int, symmetric: bool = False, method: str = "
 # ----------------------------------------------------------------------------
 # Progressive activation (ClipReLU -> quantizer)
 # ----------------------------------------------------------------------------
-def static_alpha(alpha) -> float | None:
-  """`alpha` as a Python float when its value is known while tracing (a Python, numpy or concrete
-  JAX scalar), else None (a traced value: the caller must decide inside the computation)."""
-  if isinstance(alpha, jax.core.Tracer) or np.ndim(alpha) != 0:
-    return None
-  return float(alpha)
-
-
 def progressive_activation(x, lam, alpha, T: int, K: int, symmetric: bool = False, method: str = "search"):
   """`(1 - alpha) * clip(x, 0, lam) + alpha * Q(x)`; symmetric clips to [-lam, lam].
 
@@ -334,11 +326,10 @@ def progressive_activation(x, lam, alpha, T: int, K: int, symmetric: bool = Fals
   lam_x = jnp.asarray(lam, x.dtype)
   clipped = jnp.clip(x, -lam_x if symmetric else 0, lam_x)
   q = expg_quantize(x, lam, T, K, symmetric, method)
-  known = static_alpha(alpha)
-  if known is not None:
-    if known >= 1:
+  if isinstance(alpha, (int, float)):
+    if alpha >= 1:
       return q
-    if known <= 0:
+    if alpha <= 0:
       return clipped
   alpha = jnp.asarray(alpha, x.dtype)
   blend = (1 - alpha) * clipped + alpha * q
@@ -409,10 +400,6 @@ class ExpGIF(nnx.Module):
   def threshold(self) -> jax.Array:
     # |lam| keeps the neuron well-defined if an optimiser step ever pushes it negative.
     return jnp.abs(self.lam[...]) + 1e-6
-
-  def code_scale(self, dtype=jnp.float32) -> jax.Array:
-    """`lam / Z` in `dtype`, the value of one code unit: what both modes multiply the code by."""
-    return code_scale(self.threshold().astype(dtype), self.T, self.K, dtype)
 
   def __call__(self, x, *, mode: str = "quantize", alpha=1.0, collect: bool = False):
     lam = self.threshold().astype(x.dtype)

@@ -142,11 +142,11 @@ def test_spike_mode_is_multiplication_free(monkeypatch):
 
   conv_call = blocks.SynapticConv.__call__
 
-  def conv_spy(self, x, *, mode="quantize", collect=False, **kw):
+  def conv_spy(self, x, *, mode="quantize", collect=False):
     if mode == "spike":
       check(x)
       seen["conv"] += 1
-    return conv_call(self, x, mode=mode, collect=collect, **kw)
+    return conv_call(self, x, mode=mode, collect=collect)
 
   einsum = attention.spike_einsum
 
