@@ -64,17 +64,20 @@ def read_config(workdir, required: bool = True) -> ml_collections.ConfigDict | N
   return config_from_json(path.read_text())
 
 
-def _flat(tree, prefix: str = "") -> dict:
+def flatten(tree: dict, sep: str = "/") -> dict:
+  """Nested dicts as one dict keyed by joined paths (keys may be ints: nnx list indices)."""
   out = {}
   for k, v in tree.items():
-    key = f"{prefix}.{k}" if prefix else str(k)
-    out.update(_flat(v, key) if isinstance(v, dict) else {key: v})
+    if isinstance(v, dict):
+      out.update({f"{k}{sep}{sub}": leaf for sub, leaf in flatten(v, sep).items()})
+    else:
+      out[str(k)] = v
   return out
 
 
 def config_diff(saved, current) -> list[str]:
   """`key: saved -> current` for every config value that differs (JSON-normalised)."""
-  a, b = (_flat(json.loads(c.to_json())) for c in (saved, current))
+  a, b = (flatten(json.loads(c.to_json()), ".") for c in (saved, current))
   return [f"{k}: {a.get(k, '<absent>')} -> {b.get(k, '<absent>')}" for k in sorted(set(a) | set(b))
           if a.get(k) != b.get(k)]
 
@@ -92,14 +95,9 @@ def abstract_pure(abstract_state, shardings) -> dict:
   return nnx.to_pure_dict(target)
 
 
-def _shapes(tree) -> dict[str, tuple]:
-  leaves = jax.tree_util.tree_leaves_with_path(tree)
-  return {"/".join(str(getattr(k, "key", k)) for k in p): tuple(x.shape) for p, x in leaves}
-
-
 def shape_mismatches(saved: dict, target: dict) -> list[str]:
   """Arrays whose presence or shape differs between a saved tree and the model's."""
-  s, t = _shapes(saved), _shapes(target)
+  s, t = ({k: tuple(x.shape) for k, x in flatten(tree).items()} for tree in (saved, target))
   return [f"{k}: {s.get(k, 'absent')} saved, {t.get(k, 'absent')} now" for k in sorted(set(s) | set(t))
           if s.get(k) != t.get(k)]
 

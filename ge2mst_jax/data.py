@@ -13,6 +13,8 @@ import grain
 import jax
 import numpy as np
 
+from ge2mst_jax import paths
+
 MEAN = {"digits": (0.5,) * 3, "imagenet": (0.485, 0.456, 0.406), "cifar": (0.4914, 0.4822, 0.4465)}
 STD = {"digits": (0.5,) * 3, "imagenet": (0.229, 0.224, 0.225), "cifar": (0.2470, 0.2435, 0.2616)}
 
@@ -63,7 +65,7 @@ def tfds_source(name: str, split: str, data_dir: str | None):
   """`tfds.data_source` over prepared ArrayRecord files, with a clear error when they are missing."""
   import tensorflow_datasets as tfds
 
-  if data_dir and "://" in data_dir:
+  if data_dir and paths.is_remote(data_dir):
     # array_record's reader (C++, under tfds.data_source) opens local files only: measured, it
     # fails on gs:// even where epath, gcsfs and tensorstore reach the bucket.
     raise DataError(f"data.data_dir={data_dir}: ArrayRecord files are read from a local path only; mount the "

@@ -19,13 +19,6 @@ from flax import nnx
 from ge2mst_jax import checkpoint as ckpt_lib
 from ge2mst_jax import paths
 
-def _flatten(tree: dict, prefix: str = "") -> dict[str, np.ndarray]:
-  out = {}
-  for k, v in tree.items():
-    key = f"{prefix}/{k}" if prefix else str(k)
-    out.update(_flatten(v, key) if isinstance(v, dict) else {key: np.asarray(v)})
-  return out
-
 
 def _unflatten(flat: dict) -> dict:
   tree: dict = {}
@@ -94,7 +87,7 @@ def export(workdir, out, step: int | None = None) -> str:
   from safetensors.numpy import save as to_bytes
 
   model, cfg, step = _model_from_workdir(workdir, step)
-  flat = _flatten(jax.device_get(nnx.to_pure_dict(nnx.state(model))))
+  flat = {k: np.asarray(v) for k, v in ckpt_lib.flatten(jax.device_get(nnx.to_pure_dict(nnx.state(model)))).items()}
   dest = paths.resolve(out)
   dest.parent.mkdir(parents=True, exist_ok=True)
   dest.write_bytes(to_bytes(flat, metadata={"config": cfg.to_json(), "step": str(step), "format": "ge2mst_jax/1"}))

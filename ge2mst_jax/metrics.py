@@ -22,49 +22,34 @@ METRICS_FILE = "metrics.jsonl"
 
 
 class _ObjectLog:
-  """A text file kept as one object: read once, rewritten whole on flush."""
+  """An append-only file kept as one object in a bucket: read once, rewritten whole on flush
+  (at most every `flush_secs` while writing, and on close)."""
 
-  def __init__(self, path: epath.Path, flush_secs: float):
-    self.path, self.flush_secs = path, flush_secs
-    self.text = path.read_text() if path.exists() else ""
+  def __init__(self, path, flush_secs: float):
+    self.path, self.flush_secs = epath.Path(path), flush_secs
+    self.data = self.path.read_bytes() if self.path.exists() else b""
     self.dirty, self.last = False, time.monotonic()
 
-  def write(self, line: str) -> None:
-    self.text += line
+  def write(self, data: str | bytes) -> None:
+    self.data += data.encode() if isinstance(data, str) else data
     self.dirty = True
     if time.monotonic() - self.last >= self.flush_secs:
       self.flush()
 
   def flush(self) -> None:
     if self.dirty:
-      self.path.write_text(self.text)
+      self.path.write_bytes(self.data)
       self.dirty, self.last = False, time.monotonic()
 
   def close(self) -> None:
     self.flush()
 
 
-class _ObjectRecordWriter(_ObjectLog):
-  """tensorboardX's record-writer interface over one object (event files are appended to
-  locally; in a bucket they are rewritten whole like metrics.jsonl)."""
-
-  def __init__(self, path):
-    super().__init__(epath.Path(path), flush_secs=float("inf"))  # tensorboardX calls flush itself
-    self.text = b""
-
-  def write(self, data: bytes) -> None:
-    self.text += data
-    self.dirty = True
-
-  def flush(self) -> None:
-    if self.dirty:
-      self.path.write_bytes(self.text)
-      self.dirty = False
-
-
 class _ObjectRecordWriterFactory:
+  """tensorboardX's writer factory for event files in a bucket; tensorboardX flushes them itself."""
+
   def open(self, path):
-    return _ObjectRecordWriter(path)
+    return _ObjectLog(path, flush_secs=float("inf"))
 
   def directory_check(self, path):
     del path  # object stores have no directories to create

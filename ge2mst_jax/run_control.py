@@ -27,6 +27,7 @@ import uuid
 
 import jax
 from etils import epath
+from jax.experimental import multihost_utils
 
 from ge2mst_jax import paths
 
@@ -175,7 +176,6 @@ class PreemptionCheck:
   def reached(self, step: int) -> bool:
     if not self.multihost:
       return self.signum is not None
-    from jax.experimental import multihost_utils
     return multihost_utils.reached_preemption_sync_point(step)
 
   def describe(self) -> str:

@@ -296,88 +296,83 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir, quiet: bool = Fa
 
 
 def _train(cfg, wd, mesh, quiet: bool, lease) -> dict[str, Any]:
-  # ---- State: fresh, or restored from the newest usable checkpoint (one decision for all hosts).
   setup = create_train_state(cfg, mesh)
   modes = eval_modes(cfg)
-  ckpts = ckpt_lib.Checkpoints(wd / "checkpoints", cfg.keep_checkpoints, async_save=cfg.async_checkpoints,
-                               best_metric="accuracy_spike" if "spike" in modes else f"accuracy_{modes[0]}")
-  state = setup.state
-  try:
+  with contextlib.ExitStack() as stack:  # closes what was opened, in reverse, however the run ends
+    # ---- State: fresh, or restored from the newest usable checkpoint (one decision for all hosts).
+    ckpts = stack.enter_context(contextlib.closing(ckpt_lib.Checkpoints(
+        wd / "checkpoints", cfg.keep_checkpoints, async_save=cfg.async_checkpoints,
+        best_metric="accuracy_spike" if "spike" in modes else f"accuracy_{modes[0]}")))  # close() waits for saves
+    state = setup.state
     start, restored, position = ckpts.restore(ckpt_lib.abstract_pure(setup.abstract, setup.shardings),
                                               quarantine=True, saved_config=ckpt_lib.read_config(wd, required=False),
                                               config=cfg)
-  except ckpt_lib.CheckpointError:
-    ckpts.close()
-    raise
-  if restored is not None:
-    nnx.replace_by_pure_dict(state, restored)
-  start = start or 0
-  if start == 0 and cfg.init_from.checkpoint:
-    from ge2mst_jax.finetune import load_pretrained  # fine-tuning start (eval/export issue)
-    state = load_pretrained(cfg, setup, state)
-  if jax.process_index() == 0:
-    ckpt_lib.save_config(cfg, wd)  # only now: a refused restore leaves the run's config as it was
+    if restored is not None:
+      nnx.replace_by_pure_dict(state, restored)
+    start = start or 0
+    if start == 0 and cfg.init_from.checkpoint:
+      from ge2mst_jax.finetune import load_pretrained  # fine-tuning start (eval/export issue)
+      state = load_pretrained(cfg, setup, state)
+    if jax.process_index() == 0:
+      ckpt_lib.save_config(cfg, wd)  # only now: a refused restore leaves the run's config as it was
 
-  # ---- Input, resumed at the saved position (also on another host count: data.resume_records).
-  n_train = data_lib.num_examples(cfg.data, "train")
-  local_bs = data_lib.local_batch_size(cfg.batch_size)
-  records = data_lib.resume_records(position, n_train, start * local_bs)
-  train_iter = iter(data_lib.train_dataset(cfg.data, cfg.batch_size, cfg.seed, start=records))
+    # ---- Input, resumed at the saved position (also on another host count: data.resume_records).
+    n_train = data_lib.num_examples(cfg.data, "train")
+    local_bs = data_lib.local_batch_size(cfg.batch_size)
+    records = data_lib.resume_records(position, n_train, start * local_bs)
+    train_iter = iter(data_lib.train_dataset(cfg.data, cfg.batch_size, cfg.seed, start=records))
 
-  train_step = make_train_step(cfg, setup)
-  eval_step = make_eval_step(cfg, setup, modes)
-  writer = MetricWriter(wd, cfg.total_steps, start, quiet)
-  if start:
-    writer.log(f"Resumed from {ckpts.step_path(start)} at step {start}"
-               f" (epoch {data_lib.data_position(records, n_train)['epoch']}).")
+    train_step = make_train_step(cfg, setup)
+    eval_step = make_eval_step(cfg, setup, modes)
+    writer = stack.enter_context(contextlib.closing(MetricWriter(wd, cfg.total_steps, start, quiet)))
+    if start:
+      writer.log(f"Resumed from {ckpts.step_path(start)} at step {start}"
+                 f" (epoch {data_lib.data_position(records, n_train)['epoch']}).")
 
-  # ---- The loop.
-  t0, seen, last_log = time.time(), 0, start
-  try:
-    with PreemptionCheck() as preemption, Watchdog(cfg.watchdog_secs) as watchdog:
-      for step in range(start + 1, cfg.total_steps + 1):
-        batch = shd.global_batch(next(train_iter), mesh)
-        state, metrics = train_step(state, batch)
-        records += local_bs
-        seen += cfg.batch_size
-        watchdog.beat(step)
-        stop = preemption.reached(step)  # every host, every step: they agree on the step
-        saving = bool(cfg.checkpoint_every) and step % cfg.checkpoint_every == 0 and step != cfg.total_steps
-        if step % cfg.log_every == 0 or step == cfg.total_steps or saving or stop:
-          m = jax.device_get(metrics)
-          if not m["finite"] and cfg.nonfinite == "stop":
-            raise NonFiniteError(
-                f"Non-finite loss or gradient at step {step} (loss={m['loss']}, grad_norm={m['grad_norm']}): "
-                f"lower optimizer.lr or clip gradients (optimizer.grad_clip), or slow the alpha ramp "
-                f"(alpha.ramp_end); the last good checkpoint in {ckpts.directory} is kept "
-                f"(or set nonfinite='skip').")
-          m["images_per_sec"] = seen / max(time.time() - t0, 1e-9)
-          m["epoch"] = records * jax.process_count() / n_train
-          writer.write(step, m)
-          writer.advance(step - last_log)
-          last_log, seen, t0 = step, 0, time.time()
-        if saving or stop:
-          ckpts.save(step, state, data_lib.data_position(records, n_train), force=stop)
-        if stop:
-          ckpts.wait()
-          raise Preempted(f"Stopped by {preemption.describe()} at step {step}; saved {ckpts.step_path(step)}. "
-                          f"Run the same command to resume.")
-        if lease is not None and lease.lost_to:
-          raise RuntimeError(f"Another run ({lease.lost_to}) took over the work directory {wd} (this run's "
-                             f"heartbeat was late by more than lease.timeout_secs); stopping without writing.")
-        if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.total_steps:
-          res = evaluate(cfg, setup, state, eval_step, modes, beat=lambda: watchdog.beat(step, "eval"))
-          writer.write(step, res, "eval")
-          ckpts.save_best(step, state, res)
-      if start < cfg.total_steps:
-        ckpts.save(cfg.total_steps, state, data_lib.data_position(records, n_train), force=True)
-      final = evaluate(cfg, setup, state, eval_step, modes, beat=lambda: watchdog.beat(cfg.total_steps, "eval"))
-      writer.write(cfg.total_steps, final, "eval")
-      ckpts.save_best(cfg.total_steps, state, final)
-      ckpts.wait()
-  finally:
-    ckpts.close()  # waits for any save in flight
-    writer.close()
+    # ---- The loop.
+    preemption = stack.enter_context(PreemptionCheck())
+    watchdog = stack.enter_context(Watchdog(cfg.watchdog_secs))
+    t0, seen, last_log = time.time(), 0, start
+    for step in range(start + 1, cfg.total_steps + 1):
+      batch = shd.global_batch(next(train_iter), mesh)
+      state, metrics = train_step(state, batch)
+      records += local_bs
+      seen += cfg.batch_size
+      watchdog.beat(step)
+      stop = preemption.reached(step)  # every host, every step: they agree on the step
+      saving = bool(cfg.checkpoint_every) and step % cfg.checkpoint_every == 0 and step != cfg.total_steps
+      if step % cfg.log_every == 0 or step == cfg.total_steps or saving or stop:
+        m = jax.device_get(metrics)
+        if not m["finite"] and cfg.nonfinite == "stop":
+          raise NonFiniteError(
+              f"Non-finite loss or gradient at step {step} (loss={m['loss']}, grad_norm={m['grad_norm']}): "
+              f"lower optimizer.lr or clip gradients (optimizer.grad_clip), or slow the alpha ramp "
+              f"(alpha.ramp_end); the last good checkpoint in {ckpts.directory} is kept "
+              f"(or set nonfinite='skip').")
+        m["images_per_sec"] = seen / max(time.time() - t0, 1e-9)
+        m["epoch"] = records * jax.process_count() / n_train
+        writer.write(step, m)
+        writer.advance(step - last_log)
+        last_log, seen, t0 = step, 0, time.time()
+      if lease is not None and lease.lost_to:
+        raise RuntimeError(f"Another run ({lease.lost_to}) took over the work directory {wd} (this run's "
+                           f"heartbeat was late by more than lease.timeout_secs); stopping without writing.")
+      if saving or stop:
+        ckpts.save(step, state, data_lib.data_position(records, n_train), force=stop)
+      if stop:
+        ckpts.wait()
+        raise Preempted(f"Stopped by {preemption.describe()} at step {step}; saved {ckpts.step_path(step)}. "
+                        f"Run the same command to resume.")
+      if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.total_steps:
+        res = evaluate(cfg, setup, state, eval_step, modes, beat=lambda: watchdog.beat(step, "eval"))
+        writer.write(step, res, "eval")
+        ckpts.save_best(step, state, res)
+    if start < cfg.total_steps:
+      ckpts.save(cfg.total_steps, state, data_lib.data_position(records, n_train), force=True)
+    final = evaluate(cfg, setup, state, eval_step, modes, beat=lambda: watchdog.beat(cfg.total_steps, "eval"))
+    writer.write(cfg.total_steps, final, "eval")
+    ckpts.save_best(cfg.total_steps, state, final)
+    ckpts.wait()
   arch = arch_from_config(cfg)
   summary = {"step": cfg.total_steps, "workdir": str(wd), **final, "T": arch.T, "K": arch.K}
   if jax.process_index() == 0:
