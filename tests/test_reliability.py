@@ -50,6 +50,7 @@ def _wait_for_new_step(wd, p, after: int, timeout: float = 240) -> int:
   return _logged_steps(wd)[-1] if _logged_steps(wd) else 0
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_and_sigterm_resume_to_the_uninterrupted_parameters(tmp_path):
   # Asynchronous saves every 4 of 60 steps: a kill lands in a step, between steps or mid-save.
   args = ["--config.total_steps=60", "--config.checkpoint_every=4", "--config.async_checkpoints=True",

@@ -24,6 +24,7 @@ def small_digits(steps=12, small_net=True, **kw):
   cfg.log_every, cfg.checkpoint_every = 1, 0
   cfg.optimizer.warmup_steps = 2
   cfg.async_checkpoints = False
+  cfg.watchdog_secs = 0  # off in tests unless a test asks for it
   if small_net:  # a smaller image and network than the default tiny: cheaper steps
     cfg.data.image_size = cfg.model.arch.image_size = 16
     cfg.model.arch.widths, cfg.model.arch.heads = (8, 16, 16, 32), (1, 1, 1)
