@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import time
 from typing import Any
 
@@ -247,6 +248,9 @@ def check_workdir(workdir):
   """The work directory as an epath, after checking it can be reached (a bucket that does not
   exist or cannot be listed is a one-line error here, before anything is written)."""
   wd = paths.resolve(workdir)
+  gcsfs_log = logging.getLogger("gcsfs")
+  level = gcsfs_log.level
+  gcsfs_log.setLevel(logging.CRITICAL)  # its retries log tracebacks; the one line below says it all
   try:
     bucket = paths.bucket(wd)
     if bucket is not None and not bucket.exists():
@@ -256,6 +260,8 @@ def check_workdir(workdir):
   except Exception as e:  # gcsfs/auth raise many types: the message is what helps
     raise RuntimeError(f"Cannot use the work directory {wd}: {paths.describe(e)}. Check the path, the bucket "
                        f"name and its credentials (gcloud auth application-default login).") from None
+  finally:
+    gcsfs_log.setLevel(level)
   return wd
 
 
