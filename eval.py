@@ -26,8 +26,8 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv
-  from ge2mst_jax import checkpoint as ckpt_lib
-  from ge2mst_jax import evaluation, paths, sharding
+  from ge2mst_jax import evaluation, paths, saved_config, sharding
+  from ge2mst_jax.errors import CheckpointError
 
   if not FLAGS.workdir and not FLAGS.checkpoint:
     sys.exit("eval.py: pass --workdir (a train.py work directory) or --checkpoint.")
@@ -36,8 +36,8 @@ def main(argv):
   cfg = load_config()
   if cfg is None:
     try:
-      cfg = ckpt_lib.read_config(workdir)
-    except ckpt_lib.CheckpointError as e:
+      cfg = saved_config.read(workdir)
+    except CheckpointError as e:
       sys.exit(f"eval.py: {e} Pass --config configs/NAME.py for this checkpoint.")
     except Exception as e:  # an unreachable bucket
       sys.exit(f"eval.py: cannot read {workdir}: {paths.describe(e)}")
@@ -52,7 +52,7 @@ def main(argv):
       for K in [int(k) for k in FLAGS.sweep_K] or [min(rep["K"], T)]:
         if K <= T:
           sweep.append(evaluation.evaluate_checkpoint(cfg, ckpt_dir, rep["step"], FLAGS.energy_images, T=T, K=K))
-  except (ckpt_lib.CheckpointError, ValueError) as e:
+  except (CheckpointError, ValueError) as e:
     sys.exit(f"eval.py: {e}")
   files = evaluation.write_report(rep, out, sweep)
   print(evaluation.markdown_report(rep, sweep).split("## SOPs per stage")[0])

@@ -27,17 +27,17 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments {argv[1:]}: options are --config, --workdir, --config.KEY=VALUE.")
   # After flag parsing: JAX starts only for a valid command line.
-  from ge2mst_jax import run_control, sharding, train_lib
+  from ge2mst_jax import errors, sharding, train_lib
 
   cfg = load_config()
   sharding.enable_compile_cache(cfg.compile_cache_dir)
   workdir = FLAGS.workdir or os.path.join("workdirs", cfg.data.name)
   try:
     summary = train_lib.train_and_evaluate(cfg, workdir, quiet=FLAGS.quiet)
-  except run_control.Preempted as e:
+  except errors.Preempted as e:
     print(f"train.py: {e}", flush=True)
     sys.exit(cfg.preempted_exit_code)
-  except (ValueError, RuntimeError, run_control.NonFiniteError) as e:  # CheckpointError is a RuntimeError
+  except (ValueError, RuntimeError, errors.NonFiniteError) as e:  # CheckpointError is a RuntimeError
     sys.exit(f"train.py: {e}")
   summary.pop("state"), summary.pop("setup")
   print("\n== Ge2mS-T training summary ==")

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import common as config_common
-from ge2mst_jax import models, sharding as shd, train_lib
+from ge2mst_jax import models, sharding as shd, train_lib, train_state
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -69,7 +69,7 @@ class TrainStep:
   def __init__(self, cfg):
     self.cfg = cfg
     self.mesh = shd.make_mesh(1)
-    self.setup = train_lib.create_train_state(cfg, self.mesh)
+    self.setup = train_state.create_train_state(cfg, self.mesh)
     self.step = train_lib.make_train_step(cfg, self.setup)
     size = cfg.data.image_size
     self.batch = shd.global_batch(synthetic_batch(cfg.batch_size, size, cfg.data.num_classes), self.mesh)

@@ -52,14 +52,14 @@ def bench(name: str, batch: int, T: int, K: int, steps: int, image_size: int | N
   return row
 
 
-def main():
+def main(argv=None):
   p = bench_lib.arg_parser(__doc__)
   p.add_argument("--models", default="ge2mst_tiny,ge2mst_small")
   p.add_argument("--batch", default="64,8", help="one batch size per model")
   p.add_argument("--T", type=int, default=4)
   p.add_argument("--K", type=int, default=2)
   p.add_argument("--steps", type=int, default=5)
-  a = p.parse_args()
+  a = p.parse_args(argv)
   names, batches = a.models.split(","), [int(b) for b in a.batch.split(",")]
   size = None
   if a.smoke:

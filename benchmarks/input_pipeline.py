@@ -29,7 +29,7 @@ def pipeline_rate(cfg, source, batch: int, workers: int, batches: int) -> float:
   return batches * batch / (time.perf_counter() - t)
 
 
-def main():
+def main(argv=None):
   p = bench_lib.arg_parser(__doc__)
   p.add_argument("--image_size", type=int, default=224)
   p.add_argument("--source_hw", default="375,500")
@@ -40,7 +40,7 @@ def main():
   p.add_argument("--model", default="ge2mst_small")
   p.add_argument("--step_batch", type=int, default=16)
   p.add_argument("--steps", type=int, default=3)
-  a = p.parse_args()
+  a = p.parse_args(argv)
   if a.smoke:
     a.image_size, a.source_hw, a.records, a.batch, a.batches, a.workers = 32, "40,48", 32, 8, 2, "0"
     a.model, a.step_batch, a.steps = "ge2mst_tiny", 4, 1

@@ -36,7 +36,7 @@ def describe(paradigm: str, T: int, arch: dict, ts, dt: float, a) -> dict:
           "mean_firing_rate": rep["mean_firing_rate"]}
 
 
-def main():
+def main(argv=None):
   p = bench_lib.arg_parser(__doc__)
   p.add_argument("--model", default="ge2mst_tiny")
   p.add_argument("--image_size", type=int, default=None, help="default: the model's own")
@@ -45,7 +45,7 @@ def main():
   p.add_argument("--paradigms", default="expg,stbp")
   p.add_argument("--steps", type=int, default=5, help="timing rounds (every configuration 1 + 2 steps a round)")
   p.add_argument("--sop_images", type=int, default=16)
-  a = p.parse_args()
+  a = p.parse_args(argv)
   Ts = [int(t) for t in a.Ts.split(",")]
   if a.smoke:
     a.image_size, a.batch, a.steps, a.sop_images, Ts = 16, 4, 1, 2, [2]

@@ -28,14 +28,14 @@ def bench_model(name: str, batch: int, steps: int, dtype: str) -> dict:
           "compile_s": ts.compile_s, **ts.memory()}
 
 
-def main():
+def main(argv=None):
   p = bench_lib.arg_parser(__doc__)
   p.add_argument("--models", default="ge2mst_tiny,ge2mst_small")
   p.add_argument("--batch", default="64,16", help="one batch size per model")
   p.add_argument("--steps", type=int, default=5)
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   p.add_argument("--matmul_n", type=int, default=2048)
-  a = p.parse_args()
+  a = p.parse_args(argv)
   names, batches = a.models.split(","), [int(b) for b in a.batch.split(",")]
   if a.smoke:
     names, batches, a.steps, a.matmul_n = ["ge2mst_tiny"], [8], 1, 256

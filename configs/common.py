@@ -67,5 +67,4 @@ def base_config(model: str, *, dataset: str, num_classes: int, image_size: int, 
   c.watchdog_secs = 1800.0      # exit (status 75) when no step or eval batch completes for this long; 0: off
   c.preempted_exit_code = 0     # exit status after a preemption save (e.g. 143 where the scheduler restarts only failures)
   c.compile_cache_dir = ""      # persistent XLA cache: "" = ~/.cache/ge2mst_jax/xla, "off" = none
-  c.debug_nan_at_step = -1      # fault injection for tests: the loss at this step becomes NaN
   return c

@@ -19,8 +19,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ge2mst_jax.blocks import SConv, SynapticConv
-from ge2mst_jax.neurons import SpikeStats, SpikeTrain, code_scale, make_neuron
+from ge2mst_jax.blocks import SConv, SynapticConv, make_neuron
+from ge2mst_jax.neurons import SpikeTrain, code_scale
+from ge2mst_jax.spike_stats import SpikeStats
 
 GROUPINGS = ("global", "local")
 

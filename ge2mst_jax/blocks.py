@@ -19,7 +19,22 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ge2mst_jax.neurons import SpikeStats, SpikeTrain, make_neuron, weighted_step_sum
+from ge2mst_jax.neurons import ExpGIF, SpikeTrain, weighted_step_sum
+from ge2mst_jax.spike_stats import SpikeStats
+from ge2mst_jax.stbp import LIF
+
+PARADIGMS = ("expg", "stbp")
+
+
+def make_neuron(paradigm: str = "expg", lif: dict | None = None, **expg):
+  """The neuron layer of a training paradigm: `ExpGIF(**expg)`, or for 'stbp' a multi-step
+  LIF (`stbp.LIF(T, **lif)`) trained by backpropagation through time."""
+  if paradigm == "expg":
+    return ExpGIF(**expg)
+  if paradigm == "stbp":
+    return LIF(expg["T"], symmetric=expg.get("symmetric", False), **(lif or {}))
+  raise ValueError(f"Unknown paradigm {paradigm!r}: use one of {PARADIGMS}.")
+
 
 _DN = ("NHWC", "HWIO", "NHWC")
 _kernel_init = nnx.initializers.variance_scaling(2.0, "fan_in", "truncated_normal")

@@ -1,4 +1,4 @@
-"""The one module that talks to orbax, and the run's saved config.
+"""The one module that talks to orbax.
 
 A checkpoint is a composite of the train state (a pure dict of arrays) and the data position
 (a small JSON: how many records each process has read, with the process count, so that a run
@@ -17,69 +17,19 @@ and config keys, and nothing is moved.
 """
 from __future__ import annotations
 
-import json
 import logging
 
 import jax
-import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
 from ge2mst_jax import paths
+from ge2mst_jax import saved_config
 from ge2mst_jax import sharding as shd
+from ge2mst_jax.errors import CheckpointError, IncompatibleCheckpointError
 
-CONFIG_FILE = "config.json"
 ITEMS = ("state", "data_position")
-
-
-class CheckpointError(RuntimeError):
-  """No usable checkpoint where one was asked for."""
-
-
-class IncompatibleCheckpointError(CheckpointError):
-  """A readable checkpoint written for another model (shapes differ)."""
-
-
-# ----------------------------------------------------------------------------
-# The saved config
-# ----------------------------------------------------------------------------
-def save_config(cfg, workdir) -> None:
-  wd = epath.Path(workdir)
-  wd.mkdir(parents=True, exist_ok=True)
-  paths.write_text_atomic(wd / CONFIG_FILE, cfg.to_json(indent=2))
-
-
-def config_from_json(text: str) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(json.loads(text))
-
-
-def read_config(workdir, required: bool = True) -> ml_collections.ConfigDict | None:
-  """The config a train.py run saved in its work directory (None if absent and not `required`)."""
-  path = epath.Path(workdir) / CONFIG_FILE
-  if not path.exists():
-    if not required:
-      return None
-    raise CheckpointError(f"{workdir} has no {CONFIG_FILE}: it is not a work directory written by train.py.")
-  return config_from_json(path.read_text())
-
-
-def flatten(tree: dict, sep: str = "/") -> dict:
-  """Nested dicts as one dict keyed by joined paths (keys may be ints: nnx list indices)."""
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      out.update({f"{k}{sep}{sub}": leaf for sub, leaf in flatten(v, sep).items()})
-    else:
-      out[str(k)] = v
-  return out
-
-
-def config_diff(saved, current) -> list[str]:
-  """`key: saved -> current` for every config value that differs (JSON-normalised)."""
-  a, b = (flatten(json.loads(c.to_json()), ".") for c in (saved, current))
-  return [f"{k}: {a.get(k, '<absent>')} -> {b.get(k, '<absent>')}" for k in sorted(set(a) | set(b))
-          if a.get(k) != b.get(k)]
 
 
 # ----------------------------------------------------------------------------
@@ -97,7 +47,7 @@ def abstract_pure(abstract_state, shardings) -> dict:
 
 def shape_mismatches(saved: dict, target: dict) -> list[str]:
   """Arrays whose presence or shape differs between a saved tree and the model's."""
-  s, t = ({k: tuple(x.shape) for k, x in flatten(tree).items()} for tree in (saved, target))
+  s, t = ({k: tuple(x.shape) for k, x in saved_config.flat(tree).items()} for tree in (saved, target))
   return [f"{k}: {s.get(k, 'absent')} saved, {t.get(k, 'absent')} now" for k in sorted(set(s) | set(t))
           if s.get(k) != t.get(k)]
 
@@ -167,14 +117,14 @@ class Checkpoints:
         else ("ok", "")
 
   def restore(self, target_pure: dict, step: int | None = None, quarantine: bool = False,
-              saved_config=None, config=None):
+              saved_cfg=None, config=None):
     """Restores the newest complete, undamaged step (or `step`); returns `(step, pure_state, data_position)`.
 
     Falls back step by step past damaged checkpoints, logging each with its path. With
     `quarantine` (resuming training) process 0 moves a damaged step, whole, to
     `damaged_checkpoints/` beside this directory: training will write that step again, and
     nothing is deleted. An incompatible step raises `IncompatibleCheckpointError` (with the
-    config keys that differ between `saved_config` and `config`, when given); nothing moves.
+    config keys that differ between `saved_cfg` and `config`, when given); nothing moves.
     Returns `(None, None, None)` when the directory holds no checkpoint.
     """
     candidates = shd.from_process_0([step] if step is not None else self.steps()[::-1])
@@ -184,7 +134,7 @@ class Checkpoints:
       verdict, detail = self._verdict(s, target_pure) if jax.process_index() == 0 else ("ok", "")
       verdict = list(codes)[shd.from_process_0([codes[verdict]])[0]]
       if verdict == "incompatible":
-        raise IncompatibleCheckpointError(self._incompatible_message(s, detail, saved_config, config))
+        raise IncompatibleCheckpointError(self._incompatible_message(s, detail, saved_cfg, config))
       restored, problem = None, detail
       if verdict == "ok":
         try:
@@ -206,8 +156,8 @@ class Checkpoints:
       raise CheckpointError("No usable checkpoint: " + "; ".join(errors))
     return None, None, None
 
-  def _incompatible_message(self, step, detail, saved_config, config) -> str:
-    keys = config_diff(saved_config, config) if saved_config is not None and config is not None else []
+  def _incompatible_message(self, step, detail, saved_cfg, config) -> str:
+    keys = saved_config.diff(saved_cfg, config) if saved_cfg is not None and config is not None else []
     because = f" The config differs in {', '.join(keys[:6])}{' ...' if len(keys) > 6 else ''}." if keys else ""
     return (f"Checkpoint {self.step_path(step)} was written for a different model ({detail}).{because} "
             f"Resume with the config it was written with, or pass another --workdir for a new run; "

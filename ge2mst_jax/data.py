@@ -14,13 +14,10 @@ import jax
 import numpy as np
 
 from ge2mst_jax import paths
+from ge2mst_jax.errors import DataError
 
 MEAN = {"digits": (0.5,) * 3, "imagenet": (0.485, 0.456, 0.406), "cifar": (0.4914, 0.4822, 0.4465)}
 STD = {"digits": (0.5,) * 3, "imagenet": (0.229, 0.224, 0.225), "cifar": (0.2470, 0.2435, 0.2616)}
-
-
-class DataError(ValueError):
-  """A data set that cannot be read, with what to do about it."""
 
 
 # ----------------------------------------------------------------------------

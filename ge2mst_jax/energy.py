@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ge2mst_jax.neurons import SpikeStats
+from ge2mst_jax.spike_stats import SpikeStats
 
 E_AC_PJ = 0.9   # one accumulate (SOP)
 E_MAC_PJ = 4.6  # one multiply-accumulate
@@ -86,9 +86,18 @@ def summarize(flat_spike: dict, flat_quant: dict | None, batch: int, T: int) -> 
   }
 
 
+def _in_eval_mode(model):
+  """The model with BatchNorm on its running statistics, leaving the caller's as it was: a new
+  graph over the same arrays (nothing is copied)."""
+  copy = nnx.merge(*nnx.split(model))
+  copy.eval()
+  return copy
+
+
 def energy_report(model, images) -> dict[str, Any]:
-  """Exact SOP / firing-rate / energy report of `model` on `images` (BN in eval mode)."""
-  model.eval()
+  """Exact SOP / firing-rate / energy report of `model` on `images` (BN in eval mode; the
+  caller's model is left in its mode)."""
+  model = _in_eval_mode(model)
   if model.cfg.paradigm == "stbp":  # the STBP network is its own spiking network
     _, flat = instrumented_forward(model, images, mode="stbp")
     return summarize(jax.device_get(flat), None, images.shape[0], model.cfg.T)
@@ -100,10 +109,21 @@ def energy_report(model, images) -> dict[str, Any]:
 
 
 def model_macs(model, image_shape) -> dict[str, float]:
-  """Dense MACs and FLOPs per image (stem and network) of a quantize-mode forward."""
-  model.eval()
-  _, flat = instrumented_forward(model, jnp.zeros((1, *image_shape), jnp.float32), mode=model.cfg.train_mode)
-  out = summarize({}, jax.device_get(flat), 1, model.cfg.T)
+  """Dense MACs and FLOPs per image (stem and network) of a quantize-mode forward.
+
+  They depend on shapes alone: the forward is traced, and the compiled program returns only the
+  counts (constants), so XLA drops the network itself and nothing is computed.
+  """
+  graphdef, state = nnx.split(_in_eval_mode(model))
+  mode = model.cfg.train_mode
+
+  @jax.jit
+  def counts(state):
+    m = nnx.merge(graphdef, state)
+    _, flat = capture_stats(lambda m, x: m(x, mode=mode, collect=True), m, jnp.zeros((1, *image_shape), jnp.float32))
+    return {path: v for path, v in flat.items() if path[-1].endswith("macs")}
+
+  out = summarize({}, jax.device_get(counts(state)), 1, model.cfg.T)
   return {k: out[k] for k in ("stem_macs_per_image", "network_macs_per_image", "macs_per_image", "flops_per_image")}
 
 

@@ -14,7 +14,8 @@ from ge2mst_jax import energy
 from ge2mst_jax import models
 from ge2mst_jax import paths
 from ge2mst_jax import sharding as shd
-from ge2mst_jax import train_lib
+from ge2mst_jax import train_state
+from ge2mst_jax.evaluators import evaluate
 from ge2mst_jax.attention import SpikingAttention
 
 
@@ -30,7 +31,7 @@ def _with_arch(cfg, **arch):
 def restore_for_eval(cfg, checkpoint_dir: str, step: int | None = None):
   """(setup, state, step) with the checkpoint restored onto this machine's mesh; damage is an error."""
   mesh = shd.make_mesh(cfg.mesh.fsdp if jax.device_count() % max(cfg.mesh.fsdp, 1) == 0 else 1)
-  setup, step = train_lib.restore_train_state(cfg, checkpoint_dir, mesh, step, fallback=False)
+  setup, step = train_state.restore_train_state(cfg, checkpoint_dir, mesh, step, fallback=False)
   return setup, setup.state, step
 
 
@@ -63,8 +64,8 @@ def evaluate_checkpoint(cfg, checkpoint_dir: str, step: int | None = None, energ
                         T: int | None = None, K: int | None = None) -> dict[str, Any]:
   cfg = _with_arch(cfg, T=T, K=K)
   setup, state, step = restore_for_eval(cfg, checkpoint_dir, step)
-  arch = train_lib.arch_from_config(cfg)
-  acc = train_lib.evaluate(cfg, setup, state, modes=arch.eval_modes, progress=True)
+  arch = models.arch_from_config(cfg)
+  acc = evaluate(cfg, setup, state, modes=arch.eval_modes, progress=True)
   model, _ = nnx.merge(setup.graphdef, state)
   model.eval()
   images = _energy_batch(cfg, energy_images)

@@ -19,8 +19,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ge2mst_jax.attention import AttentionBlock, check_divisible
-from ge2mst_jax.blocks import SFFN, EventFrameAdapter, SConv, Stem, SynapticConv
-from ge2mst_jax.neurons import INTEGRATIONS, METHODS, PARADIGMS, check_tk, make_neuron
+from ge2mst_jax.blocks import PARADIGMS, SFFN, EventFrameAdapter, SConv, Stem, SynapticConv, make_neuron
+from ge2mst_jax.neurons import INTEGRATIONS, METHODS, check_tk
 from ge2mst_jax.stbp import RESETS, SURROGATES
 
 MODES = ("quantize", "spike", "stbp")
@@ -233,9 +233,28 @@ def arch_config(name: str, **overrides) -> ArchConfig:
   return ArchConfig(**merged).validate()
 
 
-def create_model(name: str, num_classes: int = 1000, rngs: nnx.Rngs | None = None, **overrides) -> Ge2msT:
-  """`create_model('ge2mst_small', num_classes=1000, rngs=nnx.Rngs(0), T=4, K=2)`."""
-  return Ge2msT(arch_config(name, **overrides), num_classes, rngs=rngs or nnx.Rngs(0))
+def create_model(name: str, num_classes: int = 1000, rngs: nnx.Rngs | int = 0, **overrides) -> Ge2msT:
+  """`create_model('ge2mst_small', num_classes=1000, rngs=nnx.Rngs(0), T=4, K=2)`.
+
+  `rngs` initialises the weights: an `nnx.Rngs`, or an int seed. The default is seed 0, so
+  two calls without `rngs` build identical networks; pass a seed to get another draw.
+  """
+  return Ge2msT(arch_config(name, **overrides), num_classes, rngs=_as_rngs(rngs))
+
+
+def arch_from_config(cfg) -> ArchConfig:
+  """The ArchConfig a training config (`cfg.model.arch`, configs/*.py) describes."""
+  arch = {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in cfg.model.arch.items()}
+  return ArchConfig(**arch).validate()
+
+
+def model_from_config(cfg, rngs: nnx.Rngs | int | None = None) -> Ge2msT:
+  """The network a training config describes, initialised from `rngs` (default: `cfg.seed`)."""
+  return Ge2msT(arch_from_config(cfg), cfg.data.num_classes, rngs=_as_rngs(cfg.seed if rngs is None else rngs))
+
+
+def _as_rngs(rngs: nnx.Rngs | int) -> nnx.Rngs:
+  return rngs if isinstance(rngs, nnx.Rngs) else nnx.Rngs(int(rngs))
 
 
 def count_params(model_or_state) -> int:

@@ -21,6 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ge2mst_jax.spike_stats import SpikeStats
+
 MAX_T = 16  # level tables grow as 2^T; 16 steps is far beyond any published SNN setting.
 
 
@@ -370,10 +372,6 @@ def scale_grad(x, scale):
 scale_grad.defvjp(lambda x, scale: (x, scale), lambda scale, g: (g * scale, None))
 
 
-class SpikeStats(nnx.Intermediate):
-  """Collection for spike counts sown during an instrumented spike-mode pass."""
-
-
 class ExpGIF(nnx.Module):
   """An ExpG-IF neuron layer with a learnable threshold `lam` (one per layer).
 
@@ -419,16 +417,3 @@ class ExpGIF(nnx.Module):
       raise ValueError("mode='stbp' needs LIF neurons: build the network with paradigm='stbp'.")
     raise ValueError(f"Unknown neuron mode {mode!r}: use 'quantize' or 'spike'.")
 
-
-PARADIGMS = ("expg", "stbp")
-
-
-def make_neuron(paradigm: str = "expg", lif: dict | None = None, **expg):
-  """The neuron layer of a training paradigm: `ExpGIF(**expg)`, or for 'stbp' a multi-step
-  LIF (`stbp.LIF(T, **lif)`) trained by backpropagation through time."""
-  if paradigm == "expg":
-    return ExpGIF(**expg)
-  if paradigm == "stbp":
-    from ge2mst_jax.stbp import LIF  # stbp imports this module
-    return LIF(expg["T"], symmetric=expg.get("symmetric", False), **(lif or {}))
-  raise ValueError(f"Unknown paradigm {paradigm!r}: use one of {PARADIGMS}.")

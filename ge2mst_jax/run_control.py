@@ -1,5 +1,8 @@
-"""What keeps a run safe on a pod: the work-directory lease, one preemption decision for all
-hosts, and a step-progress watchdog.
+"""What keeps a run safe on a pod: a checked work directory and its lease, one preemption
+decision for all hosts, and a step-progress watchdog.
+
+- `check_workdir`: a work directory (local or a bucket) that cannot be reached is one line,
+  before anything is written; `workdir_lease` holds its lease for the run on process 0.
 
 - `Lease`: process 0 owns the work directory through `lease.json` (an owner id and a
   heartbeat time, refreshed by a thread). A fresh lease of another owner refuses the run; a
@@ -15,6 +18,7 @@ hosts, and a step-progress watchdog.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -30,21 +34,11 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from ge2mst_jax import paths
+from ge2mst_jax import sharding as shd
+from ge2mst_jax.errors import LeaseHeldError
 
 LEASE_FILE = "lease.json"
 EXIT_STALLED = 75  # EX_TEMPFAIL: "try again", what a scheduler's retry policy should see
-
-
-class NonFiniteError(FloatingPointError):
-  """Training produced a non-finite loss or gradient."""
-
-
-class Preempted(Exception):
-  """A stop was requested (SIGTERM/SIGINT, or a preemption notice on any host); the step was saved."""
-
-
-class LeaseHeldError(RuntimeError):
-  """Another live run holds the work directory."""
 
 
 def owner_id() -> str:
@@ -219,3 +213,46 @@ class Watchdog:
     self._stop.set()
     if self._thread is not None:
       self._thread.join()
+
+
+def check_workdir(workdir):
+  """The work directory as an epath, after checking it can be reached (a bucket that does not
+  exist or cannot be listed is a one-line error here, before anything is written)."""
+  wd = paths.resolve(workdir)
+  gcsfs_log = logging.getLogger("gcsfs")
+  level = gcsfs_log.level
+  gcsfs_log.setLevel(logging.CRITICAL)  # its retries log tracebacks; the one line below says it all
+  try:
+    bucket = paths.bucket(wd)
+    if bucket is not None and not bucket.exists():
+      raise FileNotFoundError(f"bucket {bucket} does not exist")
+    if wd.exists() and not wd.is_dir():
+      raise NotADirectoryError(f"{wd} is a file")
+  except Exception as e:  # gcsfs/auth raise many types: the message is what helps
+    raise RuntimeError(f"Cannot use the work directory {wd}: {paths.describe(e)}. Check the path, the bucket "
+                       f"name and its credentials (gcloud auth application-default login).") from None
+  finally:
+    gcsfs_log.setLevel(level)
+  return wd
+
+
+@contextlib.contextmanager
+def workdir_lease(cfg, wd):
+  """Process 0 holds the work directory's lease for the run; every host learns whether it did."""
+  lease, err = None, None
+  if jax.process_index() == 0:
+    try:
+      wd.mkdir(parents=True, exist_ok=True)
+      lease = Lease(wd, cfg.lease.timeout_secs, cfg.lease.heartbeat_secs).acquire()
+    except RuntimeError as e:
+      err = e
+    except Exception as e:  # permissions, unreachable storage
+      err = RuntimeError(f"Cannot write the work directory {wd}: {paths.describe(e)}. Check its "
+                         f"permissions (on a bucket: the account's storage.objects.create role).")
+  if not shd.all_hosts(err is None):
+    raise err or RuntimeError(f"Process 0 could not take the lease of {wd} (see its error); stopping.")
+  try:
+    yield lease
+  finally:
+    if lease is not None:
+      lease.release()

@@ -1,15 +1,14 @@
-"""Train state, the pure jitted train and eval steps, and the training loop (no CLI here).
+"""The train step (one pure jitted function of state and batch) and the training loop.
 
-The whole state (model parameters, BatchNorm statistics, optimizer state and step) is one
-`nnx.State` pytree, created already sharded by `jax.jit(..., out_shardings=...)`; the train
-step is one pure function of (state, batch), jitted with `NamedSharding`s and a donated state.
+Read `train_and_evaluate` top to bottom: checks, the work directory's lease, the state (fresh
+or restored), the input at its saved position, the loop, the final save and evaluation. Model
+and optimizer set-up is `train_state.py`, the evaluator `evaluators.py`, mixup/cutmix
+`mixing.py`, the lease, preemption and watchdog `run_control.py`.
 """
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
-import logging
 import time
 from typing import Any
 
@@ -23,86 +22,16 @@ from ge2mst_jax import checkpoint as ckpt_lib
 from ge2mst_jax import data as data_lib
 from ge2mst_jax import mixing
 from ge2mst_jax import paths
+from ge2mst_jax import saved_config
 from ge2mst_jax import sharding as shd
+from ge2mst_jax.errors import NonFiniteError, Preempted
+from ge2mst_jax.evaluators import evaluate, make_eval_step
+from ge2mst_jax.finetune import load_pretrained
 from ge2mst_jax.metrics import MetricWriter
-from ge2mst_jax.models import ArchConfig, Ge2msT
+from ge2mst_jax.models import arch_from_config
 from ge2mst_jax.neurons import alpha_schedule
-from ge2mst_jax.run_control import Lease, NonFiniteError, Preempted, PreemptionCheck, Watchdog
-
-
-# ----------------------------------------------------------------------------
-# Model, optimizer, state
-# ----------------------------------------------------------------------------
-def arch_from_config(cfg) -> ArchConfig:
-  arch = {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in cfg.model.arch.items()}
-  return ArchConfig(**arch).validate()
-
-
-def build_model(cfg) -> Ge2msT:
-  return Ge2msT(arch_from_config(cfg), cfg.data.num_classes, rngs=nnx.Rngs(cfg.seed))
-
-
-def eval_modes(cfg) -> tuple:
-  """The modes evaluated after training: `cfg.eval_modes` for ExpG-IF, the network itself for STBP."""
-  arch = arch_from_config(cfg)
-  return arch.eval_modes if arch.paradigm == "stbp" else tuple(cfg.eval_modes)
-
-
-def learning_rate_schedule(cfg) -> optax.Schedule:
-  o = cfg.optimizer
-  peak = o.lr * cfg.batch_size / o.base_batch_size   # linear scaling rule
-  warmup = min(o.warmup_steps, max(cfg.total_steps - 1, 0))
-  return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(cfg.total_steps, warmup + 1),
-                                            end_value=peak * o.min_lr_ratio)
-
-
-def make_optimizer(cfg) -> optax.GradientTransformation:
-  o = cfg.optimizer
-  # No weight decay on thresholds, BatchNorm and biases (1-D or scalar parameters).
-  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
-  chain = [optax.clip_by_global_norm(o.grad_clip)] if o.grad_clip > 0 else []
-  if o.name == "adamw":
-    chain.append(optax.adamw(learning_rate_schedule(cfg), b1=o.b1, b2=o.b2, eps=o.eps,
-                             weight_decay=o.weight_decay, mask=decay_mask))
-  elif o.name == "sgd":  # momentum SGD with decoupled weight decay
-    chain += [optax.add_decayed_weights(o.weight_decay, mask=decay_mask),
-              optax.sgd(learning_rate_schedule(cfg), momentum=o.b1, nesterov=True)]
-  else:
-    raise ValueError(f"optimizer.name={o.name!r}: use 'adamw' or 'sgd'.")
-  return optax.chain(*chain)
-
-
-@dataclasses.dataclass
-class TrainSetup:
-  graphdef: Any
-  state: Any               # nnx.State of (model, optimizer), sharded
-  shardings: Any
-  abstract: Any
-  mesh: jax.sharding.Mesh
-
-
-def create_train_state(cfg, mesh) -> TrainSetup:
-  tx = make_optimizer(cfg)
-
-  def build():
-    model = build_model(cfg)
-    return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
-
-  graphdef, abstract = nnx.split(nnx.eval_shape(build))
-  shardings = shd.state_shardings(abstract, mesh)
-  with jax.set_mesh(mesh):
-    state = jax.jit(lambda: nnx.split(build())[1], out_shardings=shardings)()
-  return TrainSetup(graphdef, state, shardings, abstract, mesh)
-
-
-def restore_train_state(cfg, checkpoint_dir: str, mesh, step: int | None = None,
-                        fallback: bool = True) -> tuple[TrainSetup, int]:
-  """A train state for `cfg` on `mesh`, filled from `checkpoint_dir` (any mesh may have written it)."""
-  setup = create_train_state(cfg, mesh)
-  step, pure = ckpt_lib.restore_state_only(checkpoint_dir, ckpt_lib.abstract_pure(setup.abstract, setup.shardings),
-                                           step, fallback)
-  nnx.replace_by_pure_dict(setup.state, pure)
-  return setup, step
+from ge2mst_jax.run_control import PreemptionCheck, Watchdog, check_workdir, workdir_lease
+from ge2mst_jax.train_state import TrainSetup, create_train_state, eval_modes, learning_rate_schedule
 
 
 # ----------------------------------------------------------------------------
@@ -114,7 +43,6 @@ def make_train_step(cfg, setup: TrainSetup):
   num_classes, smoothing = cfg.data.num_classes, cfg.label_smoothing
   lr_fn = learning_rate_schedule(cfg)
   skip_nonfinite = cfg.nonfinite == "skip"
-  inject_step = cfg.get("debug_nan_at_step", -1)
   train_mode = arch_from_config(cfg).train_mode
   partners = mixing.shard_local_reverse(setup.mesh, shd.DATA_AXES)
   # Its own stream: nnx.Rngs(seed) draws fold_in(key(seed), i) for initialisation, so
@@ -122,6 +50,9 @@ def make_train_step(cfg, setup: TrainSetup):
   aug_key = jax.random.split(jax.random.key(cfg.seed))[1]
 
   def train_step(state, batch):
+    # A copy taken before the forward pass, which updates BatchNorm statistics in place: a
+    # skipped step must not keep statistics of the batch that made it non-finite.
+    before = jax.tree.map(lambda x: x, state) if skip_nonfinite else None
     model, opt = nnx.merge(graphdef, state)
     step = opt.step[...]
     alpha = alpha_schedule(step / total, a.kind, a.ramp_end, a.get("power", 1.0))
@@ -131,18 +62,15 @@ def make_train_step(cfg, setup: TrainSetup):
 
     def loss_fn(model):
       logits = model(images, mode=train_mode, alpha=alpha)
-      loss = optax.softmax_cross_entropy(logits, labels).mean()
-      return jnp.where(step + 1 == inject_step, jnp.nan, loss), logits  # loop steps count from 1
+      return optax.softmax_cross_entropy(logits, labels).mean(), logits
 
     (loss, logits), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    if skip_nonfinite:
-      old = jax.tree.map(lambda x: x, nnx.state((model, opt)))  # a copy: update() mutates in place
     opt.update(model, grads)
     new = nnx.state((model, opt))
-    if skip_nonfinite:  # drop the update, but count the step so the schedules move on
-      new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    if skip_nonfinite:  # drop the update and the statistics, but count the step so the schedules move on
+      new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, before)
       model, opt = nnx.merge(graphdef, new)
       opt.step[...] = step + 1
       new = nnx.state((model, opt))
@@ -155,66 +83,6 @@ def make_train_step(cfg, setup: TrainSetup):
               "label": shd.batch_sharding(setup.mesh, 1)}
   return jax.jit(train_step, in_shardings=(setup.shardings, batch_sh), out_shardings=(setup.shardings, None),
                  donate_argnums=0)
-
-
-def make_eval_step(cfg, setup: TrainSetup, modes=("quantize", "spike")):
-  """Counts of correct top-1 (and top-5) predictions per mode, agreement and logit differences."""
-  graphdef = setup.graphdef
-
-  def eval_step(state, batch):
-    model, _ = nnx.merge(graphdef, state)
-    model.eval()
-    mask = batch["mask"]
-    out = {"count": jnp.sum(mask)}
-    logits = {}
-    for mode in modes:
-      lg = model(batch["image"], mode=mode)
-      logits[mode] = lg
-      pred = jnp.argmax(lg, -1)
-      out[f"correct_{mode}"] = jnp.sum((pred == batch["label"]) & mask)
-      if lg.shape[-1] > 10:
-        top5 = jnp.any(jax.lax.top_k(lg, 5)[1] == batch["label"][:, None], axis=-1)
-        out[f"correct5_{mode}"] = jnp.sum(top5 & mask)
-    if set(modes) == {"quantize", "spike"}:
-      q, s = logits["quantize"], logits["spike"]
-      out["agree"] = jnp.sum((jnp.argmax(q, -1) == jnp.argmax(s, -1)) & mask)
-      rel = jnp.max(jnp.abs(q - s), -1) / jnp.maximum(jnp.max(jnp.abs(q), -1), 1e-12)
-      out["max_rel_logit_diff"] = jnp.max(jnp.where(mask, rel, 0.0))
-    return out
-
-  return jax.jit(eval_step, in_shardings=(setup.shardings, None))
-
-
-def evaluate(cfg, setup: TrainSetup, state, eval_step=None, modes=None,
-             progress: bool = False, beat=lambda: None) -> dict[str, float]:
-  """Accuracy (and agreement) over the test split; `beat()` after each batch (the watchdog)."""
-  eval_step = eval_step or make_eval_step(cfg, setup, modes or eval_modes(cfg))
-  sums: dict[str, float] = {}
-  batches = data_lib.eval_batches(cfg.data, cfg.eval_batch_size, setup.mesh.devices.size)
-  if progress and jax.process_index() == 0:
-    import sys
-
-    from tqdm import tqdm
-    total = -(-data_lib.num_examples(cfg.data, "test") // cfg.eval_batch_size)
-    batches = tqdm(batches, total=total, desc="eval", unit="batch", disable=not sys.stderr.isatty())
-  for local in batches:
-    out = jax.device_get(eval_step(state, shd.global_batch(local, setup.mesh)))
-    beat()
-    for k, v in out.items():
-      sums[k] = max(sums.get(k, 0.0), float(v)) if k == "max_rel_logit_diff" else sums.get(k, 0.0) + float(v)
-  n = max(sums.pop("count", 0.0), 1.0)
-  res = {}
-  for k, v in sums.items():
-    if k.startswith("correct5_"):
-      res[f"top5_accuracy_{k[9:]}"] = v / n
-    elif k.startswith("correct_"):
-      res[f"accuracy_{k[8:]}"] = v / n
-    elif k == "agree":
-      res["prediction_agreement"] = v / n
-    else:
-      res[k] = v
-  res["examples"] = n
-  return res
 
 
 # ----------------------------------------------------------------------------
@@ -244,83 +112,37 @@ def validate_config(cfg, mesh) -> None:
   data_lib.check_data(cfg.data)
 
 
-def check_workdir(workdir):
-  """The work directory as an epath, after checking it can be reached (a bucket that does not
-  exist or cannot be listed is a one-line error here, before anything is written)."""
-  wd = paths.resolve(workdir)
-  gcsfs_log = logging.getLogger("gcsfs")
-  level = gcsfs_log.level
-  gcsfs_log.setLevel(logging.CRITICAL)  # its retries log tracebacks; the one line below says it all
-  try:
-    bucket = paths.bucket(wd)
-    if bucket is not None and not bucket.exists():
-      raise FileNotFoundError(f"bucket {bucket} does not exist")
-    if wd.exists() and not wd.is_dir():
-      raise NotADirectoryError(f"{wd} is a file")
-  except Exception as e:  # gcsfs/auth raise many types: the message is what helps
-    raise RuntimeError(f"Cannot use the work directory {wd}: {paths.describe(e)}. Check the path, the bucket "
-                       f"name and its credentials (gcloud auth application-default login).") from None
-  finally:
-    gcsfs_log.setLevel(level)
-  return wd
-
-
-@contextlib.contextmanager
-def workdir_lease(cfg, wd):
-  """Process 0 holds the work directory's lease for the run; every host learns whether it did."""
-  lease, err = None, None
-  if jax.process_index() == 0:
-    try:
-      wd.mkdir(parents=True, exist_ok=True)
-      lease = Lease(wd, cfg.lease.timeout_secs, cfg.lease.heartbeat_secs).acquire()
-    except RuntimeError as e:
-      err = e
-    except Exception as e:  # permissions, unreachable storage
-      err = RuntimeError(f"Cannot write the work directory {wd}: {paths.describe(e)}. Check its "
-                         f"permissions (on a bucket: the account's storage.objects.create role).")
-  if not shd.all_hosts(err is None):
-    raise err or RuntimeError(f"Process 0 could not take the lease of {wd} (see its error); stopping.")
-  try:
-    yield lease
-  finally:
-    if lease is not None:
-      lease.release()
-
-
 def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir, quiet: bool = False) -> dict[str, Any]:
   """Trains (resuming from `workdir` if it holds checkpoints), evaluates both modes, returns the summary.
 
   `workdir` may be local or a bucket (`gs://...`). Nothing is written to it before the config,
   the data and the work directory itself have been checked.
   """
+  # ---- Checks: a bad config, data set or work directory is one line, before anything is written.
   shd.maybe_initialize_distributed(cfg)
   mesh = shd.make_mesh(cfg.mesh.fsdp)
   validate_config(cfg, mesh)
   wd = check_workdir(workdir)
-  with workdir_lease(cfg, wd) as lease:
-    return _train(cfg, wd, mesh, quiet, lease)
-
-
-def _train(cfg, wd, mesh, quiet: bool, lease) -> dict[str, Any]:
-  setup = create_train_state(cfg, mesh)
   modes = eval_modes(cfg)
   with contextlib.ExitStack() as stack:  # closes what was opened, in reverse, however the run ends
+    lease = stack.enter_context(workdir_lease(cfg, wd))
+
     # ---- State: fresh, or restored from the newest usable checkpoint (one decision for all hosts).
+    setup = create_train_state(cfg, mesh)
     ckpts = stack.enter_context(contextlib.closing(ckpt_lib.Checkpoints(
         wd / "checkpoints", cfg.keep_checkpoints, async_save=cfg.async_checkpoints,
         best_metric="accuracy_spike" if "spike" in modes else f"accuracy_{modes[0]}")))  # close() waits for saves
     state = setup.state
     start, restored, position = ckpts.restore(ckpt_lib.abstract_pure(setup.abstract, setup.shardings),
-                                              quarantine=True, saved_config=ckpt_lib.read_config(wd, required=False),
+                                              quarantine=True, saved_cfg=saved_config.read(wd, required=False),
                                               config=cfg)
     if restored is not None:
       nnx.replace_by_pure_dict(state, restored)
     start = start or 0
     if start == 0 and cfg.init_from.checkpoint:
-      from ge2mst_jax.finetune import load_pretrained  # fine-tuning start (eval/export issue)
       state = load_pretrained(cfg, setup, state)
     if jax.process_index() == 0:
-      ckpt_lib.save_config(cfg, wd)  # only now: a refused restore leaves the run's config as it was
+      saved_config.save(cfg, wd)  # only now: a refused restore leaves the run's config as it was
 
     # ---- Input, resumed at the saved position (also on another host count: data.resume_records).
     n_train = data_lib.num_examples(cfg.data, "train")
@@ -373,14 +195,16 @@ def _train(cfg, wd, mesh, quiet: bool, lease) -> dict[str, Any]:
         res = evaluate(cfg, setup, state, eval_step, modes, beat=lambda: watchdog.beat(step, "eval"))
         writer.write(step, res, "eval")
         ckpts.save_best(step, state, res)
+
+    # ---- The last step saved, the final evaluation, the summary.
     if start < cfg.total_steps:
       ckpts.save(cfg.total_steps, state, data_lib.data_position(records, n_train), force=True)
     final = evaluate(cfg, setup, state, eval_step, modes, beat=lambda: watchdog.beat(cfg.total_steps, "eval"))
     writer.write(cfg.total_steps, final, "eval")
     ckpts.save_best(cfg.total_steps, state, final)
     ckpts.wait()
-  arch = arch_from_config(cfg)
-  summary = {"step": cfg.total_steps, "workdir": str(wd), **final, "T": arch.T, "K": arch.K}
-  if jax.process_index() == 0:
-    paths.write_text_atomic(wd / "summary.json", json.dumps(summary, indent=2))
+    arch = arch_from_config(cfg)
+    summary = {"step": cfg.total_steps, "workdir": str(wd), **final, "T": arch.T, "K": arch.K}
+    if jax.process_index() == 0:
+      paths.write_text_atomic(wd / "summary.json", json.dumps(summary, indent=2))
   return summary | {"state": state, "setup": setup}

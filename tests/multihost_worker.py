@@ -10,7 +10,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from ge2mst_jax import run_control, train_lib
+from ge2mst_jax import errors, train_lib
 from tests.test_train import small_digits
 
 
@@ -23,7 +23,7 @@ def main(argv):
   cfg.distributed.num_processes, cfg.distributed.process_id = int(n), int(pid)
   try:
     out = train_lib.train_and_evaluate(cfg, workdir, quiet=True)
-  except run_control.Preempted as e:
+  except errors.Preempted as e:
     print(json.dumps({"pid": jax.process_index(), "preempted_at": int(str(e).split(" at step ")[1].split(";")[0])}),
           flush=True)
     return

@@ -22,13 +22,24 @@ ROW_KEYS = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(ROW_KEYS))
-def test_benchmark_smoke_writes_its_json(name, tmp_path):
-  # One real device, as a user runs it (the tests' 8 simulated CPU devices are for sharding).
+@pytest.fixture(scope="module")
+def smoke_runs(tmp_path_factory):
+  """Every benchmark's smoke mode, run one after another in one process, as a user's script would
+  (one real device: the tests' 8 simulated CPU devices are for sharding)."""
+  out = tmp_path_factory.mktemp("benchmarks")
+  code = (f"import sys; sys.path.insert(0, {os.path.join(ROOT, 'benchmarks')!r}); "
+          f"import {', '.join(sorted(ROW_KEYS))}; " +
+          "; ".join(f"{name}.main(['--smoke', '--out', {str(out)!r}])" for name in sorted(ROW_KEYS)))
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
-  r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", f"{name}.py"), "--smoke", "--out",
-                      str(tmp_path)], capture_output=True, text=True, timeout=400, cwd=ROOT, env=env)
-  assert r.returncode == 0, r.stderr[-2000:]
+  r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1200, cwd=ROOT, env=env)
+  assert r.returncode == 0, r.stderr[-3000:]
+  return out, r.stdout
+
+
+@pytest.mark.xdist_group("benchmarks")
+@pytest.mark.parametrize("name", sorted(ROW_KEYS))
+def test_benchmark_smoke_writes_its_json(name, smoke_runs):
+  tmp_path, stdout = smoke_runs
   res = json.load(open(tmp_path / f"{name}_smoke.json"))
   assert MACHINE_KEYS <= set(res) and res["benchmark"] == name and res["smoke"] is True
   assert res["rows"] and all(ROW_KEYS[name] <= set(row) for row in res["rows"])
@@ -38,4 +49,4 @@ def test_benchmark_smoke_writes_its_json(name, tmp_path):
   if name == "paradigms":
     assert {row["paradigm"] for row in res["rows"]} == {"expg", "stbp"}
     assert all(row["peak_bytes"] > row["temp_bytes"] > 0 for row in res["rows"])
-  assert f"wrote {tmp_path / name}_smoke.json" in r.stdout
+  assert f"wrote {tmp_path / name}_smoke.json" in stdout

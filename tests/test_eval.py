@@ -79,7 +79,7 @@ def test_damaged_and_missing_checkpoints_are_clear_errors(trained, tmp_path):
         with open(os.path.join(root, name), "r+b") as f:
           f.truncate(max(os.path.getsize(os.path.join(root, name)) // 3, 1))
   r = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), "--workdir", str(broken), "--step", "30"],
-                     capture_output=True, text=True, cwd=ROOT, timeout=300)
+                     capture_output=True, text=True, cwd=ROOT, timeout=600)
   assert r.returncode != 0
   assert "checkpoints/30" in r.stderr and "damaged" in r.stderr
 

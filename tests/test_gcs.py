@@ -13,7 +13,7 @@ import pytest
 from etils import epath
 
 from ge2mst_jax import evaluation
-from ge2mst_jax.export import export, load
+from ge2mst_jax.weights import export, load
 from ge2mst_jax import paths
 from ge2mst_jax import run_control
 from ge2mst_jax import sharding as shd

@@ -52,13 +52,13 @@ def test_entry_point_re_executes_itself_once_with_the_tunable():
           "print('run', os.getpid(), os.environ['GLIBC_TUNABLES'], sys.argv[1:])")
   env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", hp.OPT_OUT)}
   r = subprocess.run([sys.executable, "-c", code, "--flag=1"], capture_output=True, text=True, cwd=ROOT, env=env,
-                     timeout=120)
+                     timeout=600)
   assert r.returncode == 0, r.stderr[-2000:]
   lines = r.stdout.split("\n")
   starts = [line.split()[1] for line in lines if line.startswith("start")]
   run = next(line for line in lines if line.startswith("run")).split(" ", 3)
   assert len(starts) == 2 and starts[0] == starts[1] == run[1]          # one exec, the same process
   assert run[2] == "glibc.malloc.hugetlb=1" and run[3] == "['--flag=1']"  # arguments kept
-  r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,
+  r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=600,
                      env={**env, hp.OPT_OUT: "0"})
   assert r.stdout.count("start") == 1 and "KeyError" in r.stderr     # opted out: no exec, no tunable

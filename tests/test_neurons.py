@@ -148,13 +148,34 @@ def test_gradients_straight_through_and_lambda(symmetric):
   assert float(g_sat) == (0.0 if symmetric else 1.0)
 
 
-def test_lambda_gradient_matches_finite_difference_of_surrogate():
-  # inside the range, Q = lam * q(x/lam) with q locally constant under STE: dQ/dlam = q - x/lam
-  x = jnp.asarray([0.3, 0.55, 0.9])
-  lam = 1.0
-  g = jax.grad(lambda l: nr.expg_quantize(x, l, 4, 2).sum())(lam)
-  q = nr.expg_quantize(x, lam, 4, 2) / lam
-  np.testing.assert_allclose(g, jnp.sum(q - x / lam), rtol=1e-6)
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_gradients_are_finite_differences_where_defined(symmetric):
+  """Central differences against `jax.grad`, element by element, in float64.
+
+  Where Q is differentiable (saturated above lam, or at zero below the one-sided range) the
+  differences are taken of Q itself. Inside the range Q is piecewise constant; its gradient is
+  that of the straight-through (LSQ) surrogate `lam * (x/lam + stop_gradient(q - x/lam))`, whose
+  differences are taken with the rounding residual `q - x/lam` held at its value at the point.
+  """
+  T, K, lam, h, margin = 4, 2, 1.3, 1e-4, 1e-2
+  with jax.enable_x64(True):
+    x = jax.random.uniform(jax.random.key(0), (400,), jnp.float64, -2.5 * lam, 2.5 * lam)
+    a = jnp.abs(x) if symmetric else x
+    x = x[(jnp.abs(a - lam) > margin) & (jnp.abs(x) > margin)]   # off the kinks at 0 and lam
+    Q = lambda x, l: nr.expg_quantize(x, l, T, K, symmetric)
+    gx = jax.vmap(jax.grad(Q, 0), (0, None))(x, jnp.float64(lam))
+    glam = jax.vmap(jax.grad(Q, 1), (0, None))(x, jnp.float64(lam))
+    sign = jnp.sign(x) if symmetric else jnp.ones_like(x)
+    a = jnp.abs(x) if symmetric else x
+    inside = (a > 0) & (a < lam)
+    residual = Q(x, lam) / (sign * lam) - a / lam                  # q - |x|/lam at the point, frozen
+    surrogate = lambda x, l: jnp.sign(x) * (jnp.abs(x) + l * residual) if symmetric else x + l * residual
+    f = lambda x, l: jnp.where(inside, surrogate(x, l), Q(x, l))
+    fd_x = (f(x + h, lam) - f(x - h, lam)) / (2 * h)
+    fd_lam = (f(x, lam + h) - f(x, lam - h)) / (2 * h)
+  assert int(inside.sum()) > 50 and int((a > lam).sum()) > 50                        # both regions probed
+  np.testing.assert_allclose(gx, fd_x, atol=1e-8)
+  np.testing.assert_allclose(glam, fd_lam, atol=1e-8)
 
 
 @pytest.mark.parametrize("symmetric", [False, True])

@@ -21,6 +21,7 @@ from ge2mst_jax import mixing
 from ge2mst_jax import run_control
 from ge2mst_jax import sharding as shd
 from ge2mst_jax import train_lib
+from tests import waiting
 from tests.test_train import ROOT, read_metrics, small_digits
 
 STEPS = 12
@@ -31,16 +32,6 @@ def _logged_steps(workdir) -> list[int]:
     return [r["step"] for r in read_metrics(workdir)]
   except (OSError, ValueError):  # not written yet, or a line being written
     return []
-
-
-def _wait_until(cond, procs, what: str, bound: float = 900.0):
-  """Waits for progress, not for a fixed time: a loaded machine is slow, not wrong."""
-  deadline = time.time() + bound
-  while not cond():
-    if any(p.poll() is not None for p in procs):
-      return
-    assert time.time() < deadline, f"no progress within {bound} s: {what}"
-    time.sleep(0.05)
 
 
 def _start_hosts(n: int, workdir, *overrides):
@@ -55,8 +46,9 @@ def _start_hosts(n: int, workdir, *overrides):
           for i in range(n)]
 
 
-def _finish(procs, bound: float = 900.0) -> list[dict]:
-  outs = [p.communicate(timeout=bound) for p in procs]
+def _finish(procs, workdir) -> list[dict]:
+  """Every host's JSON line, once all have ended; fails only if the run stops making progress."""
+  outs = waiting.finish(procs, f"the hosts training in {workdir}", lambda: waiting.activity(workdir))
   for p, (_, err) in zip(procs, outs):
     assert p.returncode == 0, err[-3000:]
   return [json.loads(o.strip().splitlines()[-1]) for o, _ in outs]
@@ -65,7 +57,7 @@ def _finish(procs, bound: float = 900.0) -> list[dict]:
 @pytest.mark.slow
 def test_sigterm_to_one_host_saves_one_step_everywhere_and_restores_on_any_host_count(tmp_path):
   # The uninterrupted two-host run: both hosts end with the same parameters, each read its own shard.
-  ref = _finish(_start_hosts(2, tmp_path / "ref"))
+  ref = _finish(_start_hosts(2, tmp_path / "ref"), tmp_path / "ref")
   assert {r["pid"] for r in ref} == {0, 1} and all(r["n"] == 2 for r in ref)
   assert ref[0]["digest"] == ref[1]["digest"] and ref[0]["accuracy_quantize"] == ref[1]["accuracy_quantize"]
 
@@ -74,14 +66,13 @@ def test_sigterm_to_one_host_saves_one_step_everywhere_and_restores_on_any_host_
   victim, at = rng.randrange(2), rng.randrange(2, STEPS - 5)
   cut = tmp_path / "cut"
   procs = _start_hosts(2, cut)
-  _wait_until(lambda: _logged_steps(cut) and _logged_steps(cut)[-1] >= at, procs, f"step {at}")
+  waiting.wait_until(lambda: _logged_steps(cut) and _logged_steps(cut)[-1] >= at, procs, f"step {at}",
+                     lambda: waiting.activity(cut))
   procs[victim].send_signal(signal.SIGTERM)
-  t0 = time.time()
-  stopped = _finish(procs, bound=120)
-  waited = time.time() - t0
+  stopped = _finish(procs, cut)
   saved = {r["preempted_at"] for r in stopped}
-  print(f"SIGTERM to host {victim} after step {at}: both saved step {saved} and exited in {waited:.1f} s")
-  assert len(saved) == 1 and waited < 60
+  print(f"SIGTERM to host {victim} after step {at}: both saved step {saved} and exited")
+  assert len(saved) == 1
   step = saved.pop()
   assert at <= step < STEPS
   assert (cut / "checkpoints" / str(step) / "commit_success.txt").exists()
@@ -90,7 +81,7 @@ def test_sigterm_to_one_host_saves_one_step_everywhere_and_restores_on_any_host_
   shutil.copytree(cut, tmp_path / "cut_on_4")
 
   # The same command again: the pair finishes with the uninterrupted run's final state and metrics.
-  resumed = _finish(_start_hosts(2, cut))
+  resumed = _finish(_start_hosts(2, cut), cut)
   assert [r["digest"] for r in resumed] == [r["digest"] for r in ref]
   assert resumed[0]["accuracy_quantize"] == ref[0]["accuracy_quantize"] and resumed[0]["examples"] == 360
   ref_loss = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "ref")}
@@ -100,7 +91,7 @@ def test_sigterm_to_one_host_saves_one_step_everywhere_and_restores_on_any_host_
   # continues at the saved global epoch and example count.
   saved_epoch = next(r["epoch"] for r in read_metrics(cut) if r["step"] == step)
   n_train, batch = data_lib.num_examples(small_digits().data, "train"), small_digits().batch_size
-  four = _finish(_start_hosts(4, tmp_path / "cut_on_4"))
+  four = _finish(_start_hosts(4, tmp_path / "cut_on_4"), tmp_path / "cut_on_4")
   assert all(r["n"] == 4 for r in four) and len({r["digest"] for r in four}) == 1
   one = train_lib.train_and_evaluate(small_digits(STEPS, eval_modes=("quantize",)), str(tmp_path / "cut_on_1"),
                                      quiet=True)
@@ -224,17 +215,18 @@ def hanging(cfg, setup):
     return step(state, batch)
   return wrapped
 train_lib.make_train_step = hanging
-train_lib.train_and_evaluate(small_digits(6, watchdog_secs=2.0), sys.argv[1], quiet=True)
+train_lib.train_and_evaluate(small_digits(6, watchdog_secs=5.0), sys.argv[1], quiet=True)
 """
 
 
 def test_a_host_that_stops_stepping_exits_for_a_restart(tmp_path):
   script = tmp_path / "hang.py"
   script.write_text(HANG.format(root=ROOT))
-  r = subprocess.run([sys.executable, str(script), str(tmp_path / "wd")], capture_output=True, text=True,
-                     timeout=900, env={**os.environ, "JAX_PLATFORMS": "cpu"})
-  assert r.returncode == run_control.EXIT_STALLED, r.stderr[-2000:]
-  assert "watchdog: process 0 on " in r.stderr and "no progress for 2 s after train step 2" in r.stderr
+  p = subprocess.Popen([sys.executable, str(script), str(tmp_path / "wd")], stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  (_, err), = waiting.finish([p], "the watchdog", lambda: waiting.activity(tmp_path / "wd"))
+  assert p.returncode == run_control.EXIT_STALLED, err[-2000:]
+  assert "watchdog: process 0 on " in err and "no progress for 5 s after train step 2" in err
 
 
 # ----------------------------------------------------------------------------

@@ -14,30 +14,24 @@ import json
 import jax
 import numpy as np
 from etils import epath
-from flax import nnx
+from flax import nnx, traverse_util
+from safetensors import SafetensorError
+from safetensors.numpy import load as safetensors_from_bytes
+from safetensors.numpy import save as safetensors_to_bytes
 
-from ge2mst_jax import checkpoint as ckpt_lib
 from ge2mst_jax import paths
-
-
-def _unflatten(flat: dict) -> dict:
-  tree: dict = {}
-  for key, v in flat.items():
-    node = tree
-    parts = [int(p) if p.isdigit() else p for p in key.split("/")]
-    for p in parts[:-1]:
-      node = node.setdefault(p, {})
-    node[parts[-1]] = v
-  return tree
+from ge2mst_jax import saved_config
+from ge2mst_jax import sharding as shd
+from ge2mst_jax.errors import CheckpointError
+from ge2mst_jax.models import model_from_config
 
 
 def _model_from_workdir(workdir, step: int | None = None):
-  from ge2mst_jax import sharding as shd
-  from ge2mst_jax import train_lib
+  # orbax and optax only here: loading an exported file does not need the training stack.
+  from ge2mst_jax.train_state import restore_train_state
 
-  cfg = ckpt_lib.read_config(workdir)
-  setup, step = train_lib.restore_train_state(cfg, epath.Path(workdir) / "checkpoints",
-                                              shd.make_mesh(1, jax.devices()[:1]), step)
+  cfg = saved_config.read(workdir)
+  setup, step = restore_train_state(cfg, epath.Path(workdir) / "checkpoints", shd.make_mesh(1, jax.devices()[:1]), step)
   model, _ = nnx.merge(setup.graphdef, setup.state)
   model.eval()
   return model, cfg, step
@@ -45,10 +39,9 @@ def _model_from_workdir(workdir, step: int | None = None):
 
 def _read_safetensors(data: bytes) -> tuple[dict, dict]:
   """(arrays, metadata) of a safetensors file's bytes (read whole: the file may be in a bucket)."""
-  from safetensors.numpy import load as load_bytes
   n = int.from_bytes(data[:8], "little")
   meta = json.loads(data[8:8 + n]).get("__metadata__") or {}
-  return load_bytes(data), meta
+  return safetensors_from_bytes(data), meta
 
 
 def load(path, step: int | None = None):
@@ -58,37 +51,32 @@ def load(path, step: int | None = None):
     model, cfg, _ = _model_from_workdir(p, step)
     return model, cfg
   if not p.exists():
-    raise ckpt_lib.CheckpointError(f"Nothing to load at {path}: pass a work directory or an exported .safetensors file.")
-  from safetensors import SafetensorError
-
-  from ge2mst_jax import train_lib
-
+    raise CheckpointError(f"Nothing to load at {path}: pass a work directory or an exported .safetensors file.")
   try:
     flat, meta = _read_safetensors(p.read_bytes())
   except (SafetensorError, OSError, ValueError) as e:
-    raise ckpt_lib.CheckpointError(f"{path} is not a readable ge2mst_jax export ({e}).") from None
+    raise CheckpointError(f"{path} is not a readable ge2mst_jax export ({e}).") from None
   if "config" not in meta:
-    raise ckpt_lib.CheckpointError(f"{path} has no ge2mst_jax config in its metadata: was it written by export()?")
-  cfg = ckpt_lib.config_from_json(meta["config"])
-  model = train_lib.build_model(cfg)
-  pure = _unflatten({k: jax.numpy.asarray(v) for k, v in flat.items()})
+    raise CheckpointError(f"{path} has no ge2mst_jax config in its metadata: was it written by export()?")
+  cfg = saved_config.from_json(meta["config"])
+  model = model_from_config(cfg)
+  pure = nnx.restore_int_paths(traverse_util.unflatten_dict({k: jax.numpy.asarray(v) for k, v in flat.items()}, sep="/"))
   try:
     state = nnx.state(model)
     nnx.replace_by_pure_dict(state, pure)
     nnx.update(model, state)
   except (KeyError, ValueError) as e:
-    raise ckpt_lib.CheckpointError(f"{path} does not fit the model its config describes ({e}).") from None
+    raise CheckpointError(f"{path} does not fit the model its config describes ({e}).") from None
   model.eval()
   return model, cfg
 
 
 def export(workdir, out, step: int | None = None) -> str:
   """Writes the newest (or `step`) checkpoint's model and config of `workdir` to `out` (safetensors)."""
-  from safetensors.numpy import save as to_bytes
-
   model, cfg, step = _model_from_workdir(workdir, step)
-  flat = {k: np.asarray(v) for k, v in ckpt_lib.flatten(jax.device_get(nnx.to_pure_dict(nnx.state(model)))).items()}
+  pure = jax.device_get(nnx.to_pure_dict(nnx.state(model)))
+  flat = {"/".join(map(str, k)): np.asarray(v) for k, v in traverse_util.flatten_dict(pure).items()}
   dest = paths.resolve(out)
   dest.parent.mkdir(parents=True, exist_ok=True)
-  dest.write_bytes(to_bytes(flat, metadata={"config": cfg.to_json(), "step": str(step), "format": "ge2mst_jax/1"}))
+  dest.write_bytes(safetensors_to_bytes(flat, metadata={"config": cfg.to_json(), "step": str(step), "format": "ge2mst_jax/1"}))
   return str(out)
