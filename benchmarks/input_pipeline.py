@@ -42,7 +42,7 @@ def main(argv=None):
   p.add_argument("--steps", type=int, default=3)
   a = p.parse_args(argv)
   if a.smoke:
-    a.image_size, a.source_hw, a.records, a.batch, a.batches, a.workers = 32, "40,48", 32, 8, 2, "0"
+    a.image_size, a.source_hw, a.records, a.batch, a.batches, a.workers = 16, "40,48", 32, 8, 2, "0"
     a.model, a.step_batch, a.steps = "ge2mst_tiny", 4, 1
   h, w = (int(v) for v in a.source_hw.split(","))
   rng = np.random.default_rng(0)

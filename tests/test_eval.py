@@ -86,7 +86,7 @@ def test_damaged_and_missing_checkpoints_are_clear_errors(trained, tmp_path):
 
 def test_finetune_start_reports_the_replaced_head(trained, tmp_path, capsys):
   _, workdir, _ = trained
-  cfg = small_digits(1, **{"init_from.checkpoint": workdir})
+  cfg = small_digits(8, **{"init_from.checkpoint": workdir})
   cfg.eval_modes = ("quantize",)
   train_lib.train_and_evaluate(cfg, str(tmp_path), quiet=True)
   msg = capsys.readouterr().out

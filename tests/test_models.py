@@ -102,8 +102,8 @@ VARIANTS = {
 def test_spike_mode_equals_quantize_mode_float64(variant):
   """In exact arithmetic the two modes are one function: in float64 they agree to ~1e-15."""
   with jax.enable_x64(True):
-    model = models.create_model("ge2mst_tiny", 10, nnx.Rngs(3), dtype="float64", **VARIANTS[variant])
-    x = jax.random.normal(jax.random.key(4), (4, 32, 32, 3), jnp.float64)
+    model = models.create_model("ge2mst_tiny", 10, nnx.Rngs(3), dtype="float64", image_size=16, **VARIANTS[variant])
+    x = jax.random.normal(jax.random.key(4), (4, 16, 16, 3), jnp.float64)
     calibrated(model, x, steps=3)
     both = nnx.jit(lambda m, x: (m(x, mode="quantize"), m(x, mode="spike")))
     yq, ys = both(model, x)
@@ -211,7 +211,7 @@ def test_event_frame_adapter_model():
   model = models.create_model("ge2mst_tiny", 10, nnx.Rngs(0), event_frames=4)
   model.eval()
   ev = jax.random.bernoulli(jax.random.key(0), 0.1, (2, 4, 32, 32, 2)).astype(jnp.float32)
-  yq, ys = model(ev, mode="quantize"), model(ev, mode="spike")
+  yq, ys = nnx.jit(lambda m, ev: (m(ev, mode="quantize"), m(ev, mode="spike")))(model, ev)
   assert yq.shape == (2, 10)
   np.testing.assert_array_equal(jnp.argmax(yq, -1), jnp.argmax(ys, -1))
   with pytest.raises(ValueError, match=r"\[B, 4, H, W, 2\]"):

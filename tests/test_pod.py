@@ -24,7 +24,7 @@ from ge2mst_jax import train_lib
 from tests import waiting
 from tests.test_train import ROOT, read_metrics, small_digits
 
-STEPS = 12
+STEPS = 8   # the tests' common run length: one compiled train step serves most of them
 
 
 def _logged_steps(workdir) -> list[int]:
@@ -63,7 +63,7 @@ def test_sigterm_to_one_host_saves_one_step_everywhere_and_restores_on_any_host_
 
   # SIGTERM to one host, chosen at random, at a random step: both hosts save the same step and exit.
   rng = random.Random(int(time.time()))
-  victim, at = rng.randrange(2), rng.randrange(2, STEPS - 5)
+  victim, at = rng.randrange(2), rng.randrange(2, STEPS - 3)
   cut = tmp_path / "cut"
   procs = _start_hosts(2, cut)
   waiting.wait_until(lambda: _logged_steps(cut) and _logged_steps(cut)[-1] >= at, procs, f"step {at}",
@@ -215,7 +215,7 @@ def hanging(cfg, setup):
     return step(state, batch)
   return wrapped
 train_lib.make_train_step = hanging
-train_lib.train_and_evaluate(small_digits(6, watchdog_secs=5.0), sys.argv[1], quiet=True)
+train_lib.train_and_evaluate(small_digits(8, watchdog_secs=5.0), sys.argv[1], quiet=True)
 """
 
 
@@ -233,11 +233,11 @@ def test_a_host_that_stops_stepping_exits_for_a_restart(tmp_path):
 # Restores that must not quarantine, configs that must not be written
 # ----------------------------------------------------------------------------
 def test_an_edited_config_is_refused_naming_the_keys_and_nothing_moves(tmp_path):
-  cfg = small_digits(2, checkpoint_every=1, eval_modes=("quantize",))
+  cfg = small_digits(8, checkpoint_every=4, eval_modes=("quantize",))
   train_lib.train_and_evaluate(cfg, str(tmp_path), quiet=True)
   saved_config = (tmp_path / "config.json").read_text()
   before = sorted(os.listdir(tmp_path / "checkpoints"))
-  edited = small_digits(2, checkpoint_every=1, eval_modes=("quantize",), **{"model.arch.stem_width": 12})
+  edited = small_digits(8, checkpoint_every=4, eval_modes=("quantize",), **{"model.arch.stem_width": 12})
   with pytest.raises(ckpt_lib.IncompatibleCheckpointError) as err:
     train_lib.train_and_evaluate(edited, str(tmp_path), quiet=True)
   msg = str(err.value)
@@ -248,11 +248,11 @@ def test_an_edited_config_is_refused_naming_the_keys_and_nothing_moves(tmp_path)
 
 
 def test_a_bad_override_on_an_existing_run_writes_nothing(tmp_path):
-  cfg = small_digits(2, eval_modes=("quantize",))
+  cfg = small_digits(8, eval_modes=("quantize",))
   train_lib.train_and_evaluate(cfg, str(tmp_path), quiet=True)
   saved_config = (tmp_path / "config.json").read_text()
   with pytest.raises(ValueError, match="batch_size=-8 is not divisible|batch_size=-8 must be >= 1"):
-    train_lib.train_and_evaluate(small_digits(2, batch_size=-8), str(tmp_path), quiet=True)
+    train_lib.train_and_evaluate(small_digits(8, batch_size=-8), str(tmp_path), quiet=True)
   assert (tmp_path / "config.json").read_text() == saved_config
 
 
@@ -265,7 +265,7 @@ def test_any_eval_batch_size_is_padded_to_the_devices_and_masked(tmp_path):
   assert {b["image"].shape[0] for b in batches} == {256}
   assert sum(int(b["mask"].sum()) for b in batches) == 360
   assert data_lib.eval_batch_shape(250, 16) == 256 and data_lib.eval_batch_shape(250, 5) == 250
-  out = train_lib.train_and_evaluate(small_digits(1, eval_batch_size=250, eval_modes=("quantize",)),
+  out = train_lib.train_and_evaluate(small_digits(8, eval_batch_size=250, eval_modes=("quantize",)),
                                      str(tmp_path), quiet=True)   # 250 on 8 devices used to fail validation
   assert out["examples"] == 360
 
