@@ -416,4 +416,3 @@ class ExpGIF(nnx.Module):
     if mode == "stbp":
       raise ValueError("mode='stbp' needs LIF neurons: build the network with paradigm='stbp'.")
     raise ValueError(f"Unknown neuron mode {mode!r}: use 'quantize' or 'spike'.")
-
