@@ -6,11 +6,15 @@
 import os
 import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
-
-from ge2mst_jax.cli import guard, load_config, parse_flags
 from ge2mst_jax.hugepages import reexec_with_huge_pages
+
+if __name__ == "__main__":
+  reexec_with_huge_pages()  # first, before JAX or a config file is imported: they would load twice
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from ge2mst_jax.cli import guard, load_config, parse_flags  # noqa: E402
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "digits.py")
 
@@ -53,6 +57,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  reexec_with_huge_pages()   # before JAX starts: XLA:CPU's buffers on transparent huge pages
   logging.set_verbosity(logging.WARNING)
   app.run(main, flags_parser=parse_flags)

@@ -1,22 +1,27 @@
 """ge2mst_jax: the Ge2mS-T spiking vision transformer in JAX / Flax NNX.
 
-The neuron and the network import eagerly; `load` and `export` (and with them orbax and the
-training stack) only when first used, so `import ge2mst_jax` costs what the model costs.
+Names are resolved on first use: `import ge2mst_jax.cli` (what train.py does before it
+re-executes itself) costs no JAX import, `create_model` costs the network only, and `load` /
+`export` bring in checkpointing when called.
 """
 import importlib
 
-from ge2mst_jax.models import create_model
-from ge2mst_jax.neurons import (ExpGIF, SpikeTrain, alpha_schedule, expg_levels, expg_quantize, expg_spikes,
-                                progressive_activation)
-
 __version__ = "0.1.0"
-_LAZY = {"export": "ge2mst_jax.weights", "load": "ge2mst_jax.weights"}
-
-__all__ = ["ExpGIF", "SpikeTrain", "alpha_schedule", "create_model", "expg_levels", "expg_quantize", "expg_spikes",
-           "export", "load", "progressive_activation"]
+_LAZY = {
+    "create_model": "ge2mst_jax.models",
+    **{name: "ge2mst_jax.neurons" for name in ("ExpGIF", "SpikeTrain", "alpha_schedule", "expg_levels",
+                                                "expg_quantize", "expg_spikes", "progressive_activation")},
+    "export": "ge2mst_jax.weights",
+    "load": "ge2mst_jax.weights",
+}
+__all__ = sorted(_LAZY)
 
 
 def __getattr__(name: str):
   if name in _LAZY:
     return getattr(importlib.import_module(_LAZY[name]), name)
   raise AttributeError(f"module 'ge2mst_jax' has no attribute {name!r}")
+
+
+def __dir__():
+  return sorted(list(globals()) + list(_LAZY))
