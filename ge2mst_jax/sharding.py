@@ -12,6 +12,7 @@ import re
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 DATA_AXES = ("data", "fsdp")
@@ -55,20 +56,18 @@ def from_process_0(values: list[int]) -> list[int]:
   """Process 0's list of integers, on every process (decisions that must be equal on all hosts)."""
   if jax.process_count() == 1:
     return list(values)
-  from jax.experimental import multihost_utils as mu
-  n = int(mu.broadcast_one_to_all(np.int32(len(values))))
+  n = int(multihost_utils.broadcast_one_to_all(np.int32(len(values))))
   buf = np.full(max(n, 1), -1, np.int32)
   if jax.process_index() == 0:
     buf[:n] = values
-  return [int(v) for v in np.asarray(mu.broadcast_one_to_all(buf))[:n]]
+  return [int(v) for v in np.asarray(multihost_utils.broadcast_one_to_all(buf))[:n]]
 
 
 def all_hosts(ok: bool) -> bool:
   """True on every process when `ok` is True on every process (a collective: all must call it)."""
   if jax.process_count() == 1:
     return bool(ok)
-  from jax.experimental import multihost_utils as mu
-  return bool(np.all(np.asarray(mu.process_allgather(np.int32(ok)))))
+  return bool(np.all(np.asarray(multihost_utils.process_allgather(np.int32(ok)))))
 
 
 def make_mesh(fsdp: int = 1, devices=None) -> jax.sharding.Mesh:

@@ -74,8 +74,7 @@ def load(path, step: int | None = None):
 def export(workdir, out, step: int | None = None) -> str:
   """Writes the newest (or `step`) checkpoint's model and config of `workdir` to `out` (safetensors)."""
   model, cfg, step = _model_from_workdir(workdir, step)
-  pure = jax.device_get(nnx.to_pure_dict(nnx.state(model)))
-  flat = {"/".join(map(str, k)): np.asarray(v) for k, v in traverse_util.flatten_dict(pure).items()}
+  flat = {k: np.asarray(v) for k, v in saved_config.flat(jax.device_get(nnx.to_pure_dict(nnx.state(model)))).items()}
   dest = paths.resolve(out)
   dest.parent.mkdir(parents=True, exist_ok=True)
   dest.write_bytes(safetensors_to_bytes(flat, metadata={"config": cfg.to_json(), "step": str(step), "format": "ge2mst_jax/1"}))
