@@ -31,7 +31,8 @@ from ge2mst_jax.metrics import MetricWriter
 from ge2mst_jax.models import arch_from_config
 from ge2mst_jax.neurons import alpha_schedule
 from ge2mst_jax.run_control import PreemptionCheck, Watchdog, check_workdir, workdir_lease
-from ge2mst_jax.train_state import TrainSetup, create_train_state, eval_modes, learning_rate_schedule
+from ge2mst_jax.train_state import (TrainSetup, abstract_train_state, eval_modes, fill, initialize,
+                                    learning_rate_schedule)
 
 
 # ----------------------------------------------------------------------------
@@ -127,17 +128,16 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir, quiet: bool = Fa
   with contextlib.ExitStack() as stack:  # closes what was opened, in reverse, however the run ends
     lease = stack.enter_context(workdir_lease(cfg, wd))
 
-    # ---- State: fresh, or restored from the newest usable checkpoint (one decision for all hosts).
-    setup = create_train_state(cfg, mesh)
+    # ---- State: restored from the newest usable checkpoint (one decision for all hosts), or fresh;
+    # a restore reads straight into the shardings, without initialising first.
+    setup = abstract_train_state(cfg, mesh)
     ckpts = stack.enter_context(contextlib.closing(ckpt_lib.Checkpoints(
         wd / "checkpoints", cfg.keep_checkpoints, async_save=cfg.async_checkpoints,
         best_metric="accuracy_spike" if "spike" in modes else f"accuracy_{modes[0]}")))  # close() waits for saves
-    state = setup.state
     start, restored, position = ckpts.restore(ckpt_lib.abstract_pure(setup.abstract, setup.shardings),
                                               quarantine=True, saved_cfg=saved_config.read(wd, required=False),
                                               config=cfg)
-    if restored is not None:
-      nnx.replace_by_pure_dict(state, restored)
+    state = (fill(setup, restored) if restored is not None else initialize(cfg, setup)).state
     start = start or 0
     if start == 0 and cfg.init_from.checkpoint:
       state = load_pretrained(cfg, setup, state)

@@ -119,6 +119,10 @@ def test_resume_reaches_the_same_parameters_on_any_mesh(tmp_path, monkeypatch):
   with pytest.raises(KeyboardInterrupt):
     train_lib.train_and_evaluate(cfg, str(tmp_path / "cut"), quiet=True)
   monkeypatch.setattr(train_lib, "make_train_step", real)
+
+  def no_init(*_):
+    raise AssertionError("a restore computed a fresh state first")
+  monkeypatch.setattr(train_lib, "initialize", no_init)   # a restore reads straight into the shardings
   resumed = train_lib.train_and_evaluate(cfg, str(tmp_path / "cut"), quiet=True)
   for a, b in zip(jax.tree.leaves(params_of(full["state"])), jax.tree.leaves(params_of(resumed["state"]))):
     np.testing.assert_array_equal(a, b)
@@ -128,12 +132,11 @@ def test_resume_reaches_the_same_parameters_on_any_mesh(tmp_path, monkeypatch):
   assert full["accuracy_quantize"] == resumed["accuracy_quantize"]
   # the same checkpoint restores onto another mesh: 8 devices, parameters sharded 8 ways
   cfg.mesh.fsdp = 8
-  setup = train_state.create_train_state(cfg, shd.make_mesh(8))
-  from ge2mst_jax import checkpoint as ckpt_lib
-  step, pure = ckpt_lib.restore_state_only(str(tmp_path / "cut" / "checkpoints"),
-                                           ckpt_lib.abstract_pure(setup.abstract, setup.shardings))
+  setup, step = train_state.restore_train_state(cfg, str(tmp_path / "cut" / "checkpoints"), shd.make_mesh(8))
   assert step == 8
-  for a, b in zip(jax.tree.leaves(params_of(resumed["state"])), jax.tree.leaves(jax.device_get(pure[0]))):
+  sharded = [x for x in jax.tree.leaves(setup.state) if not x.sharding.is_fully_replicated]
+  assert sharded and all(x.addressable_shards[0].data.size * 8 == x.size for x in sharded)
+  for a, b in zip(jax.tree.leaves(params_of(resumed["state"])), jax.tree.leaves(params_of(setup.state))):
     np.testing.assert_array_equal(a, b)
 
 
