@@ -1,6 +1,6 @@
 """Test-session setup; must run before any JAX backend starts.
 
-- Eight simulated CPU devices for the sharding tests.
+- Eight simulated CPU devices for the sharding tests, compiled at LLVM -O1 (`tests/cpu.py`).
 - A persistent XLA compilation cache shared by the test workers and the processes the tests
   start (via the environment): most tests compile the same small networks, and a restarted
   train.py skips its compiles, as a user's would with the same cache.
@@ -8,7 +8,9 @@
 import os
 import tempfile
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+from tests import cpu
+
+os.environ["XLA_FLAGS"] = cpu.xla_flags(8, os.environ.get("XLA_FLAGS", ""))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "ge2mst_jax_tests_xla_cache"))

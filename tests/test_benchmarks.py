@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from tests import cpu
 from tests.test_train import ROOT
 
 MACHINE_KEYS = {"benchmark", "date", "machine", "processor", "cpu_count", "device_kind", "device_count", "platform",
@@ -30,7 +31,7 @@ def smoke_runs(tmp_path_factory):
   code = (f"import sys; sys.path.insert(0, {os.path.join(ROOT, 'benchmarks')!r}); "
           f"import {', '.join(sorted(ROW_KEYS))}; " +
           "; ".join(f"{name}.main(['--smoke', '--out', {str(out)!r}])" for name in sorted(ROW_KEYS)))
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+  env = cpu.env(devices=1)
   r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1200, cwd=ROOT, env=env)
   assert r.returncode == 0, r.stderr[-3000:]
   return out, r.stdout

@@ -21,7 +21,7 @@ from ge2mst_jax import mixing
 from ge2mst_jax import run_control
 from ge2mst_jax import sharding as shd
 from ge2mst_jax import train_lib
-from tests import waiting
+from tests import cpu, waiting
 from tests.test_train import ROOT, read_metrics, small_digits
 
 STEPS = 8   # the tests' common run length: one compiled train step serves most of them
@@ -37,7 +37,7 @@ def _logged_steps(workdir) -> list[int]:
 def _start_hosts(n: int, workdir, *overrides):
   import portpicker
   port = str(portpicker.pick_unused_port())
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+  env = cpu.env(devices=1)
   # Quantize-mode evaluation only: spike-mode equality is tested elsewhere, and its compile
   # would double every host's start-up here.
   return [subprocess.Popen([sys.executable, "-m", "tests.multihost_worker", str(i), str(n), port, str(workdir),

@@ -16,7 +16,7 @@ import pytest
 from ge2mst_jax import checkpoint as ckpt_lib
 from ge2mst_jax import errors
 from ge2mst_jax import train_lib
-from tests import waiting
+from tests import cpu, waiting
 from tests.test_train import ROOT, read_metrics, small_digits
 
 CLI_SMALL = [  # the tests' small digits network (tests.test_train.small_digits); async saves by default
@@ -30,7 +30,7 @@ def _train_cli(workdir, *extra):
   # on the tests' eight simulated devices, and recovery does not depend on the device count.
   return subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), "--workdir", workdir, *CLI_SMALL, *extra],
                           cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"})
+                          env=cpu.env(devices=1))
 
 
 def _records(workdir):
