@@ -22,7 +22,7 @@ pytestmark = pytest.mark.xdist_group("trained_digits")
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("digits"))
-  cfg = small_digits(30, **{"optimizer.lr": 0.4, "checkpoint_every": 15})
+  cfg = small_digits(8, checkpoint_every=4)   # the train step most tests share: compiled once
   out = train_lib.train_and_evaluate(cfg, workdir, quiet=True)
   return cfg, workdir, out
 
@@ -38,7 +38,7 @@ def test_report_has_every_key_and_matches_training(trained, tmp_path):
               "energy_mj_per_image", "firing_rates", "params", "T", "K", "sops_per_stage", "sops_per_block",
               "sops_per_layer", "stem_macs_per_image", "sweep"):
     assert key in js, key
-  assert js["T"] == 4 and js["K"] == 2 and js["step"] == 30
+  assert js["T"] == 4 and js["K"] == 2 and js["step"] == 8
   # evaluated at the training T, the checkpoint reproduces its training-time accuracy
   assert js["accuracy_quantize"] == out["accuracy_quantize"] and js["accuracy_spike"] == out["accuracy_spike"]
   assert js["accuracy_spike"] == js["accuracy_quantize"] and js["prediction_agreement"] >= 0.99
@@ -73,15 +73,15 @@ def test_damaged_and_missing_checkpoints_are_clear_errors(trained, tmp_path):
     ge2mst_jax.load(str(bad))
   broken = tmp_path / "broken"
   shutil.copytree(workdir, broken)
-  for root, _, files in os.walk(broken / "checkpoints" / "30" / "state"):
+  for root, _, files in os.walk(broken / "checkpoints" / "8" / "state"):
     for name in files:
       if not name.endswith(".json"):
         with open(os.path.join(root, name), "r+b") as f:
           f.truncate(max(os.path.getsize(os.path.join(root, name)) // 3, 1))
-  r = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), "--workdir", str(broken), "--step", "30"],
+  r = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), "--workdir", str(broken), "--step", "8"],
                      capture_output=True, text=True, cwd=ROOT, timeout=600)
   assert r.returncode != 0
-  assert "checkpoints/30" in r.stderr and "damaged" in r.stderr
+  assert "checkpoints/8" in r.stderr and "damaged" in r.stderr
 
 
 def test_finetune_start_reports_the_replaced_head(trained, tmp_path, capsys):

@@ -89,18 +89,26 @@ def test_stbp_network_modes_errors_and_energy():
   assert any(k.endswith(".qk") for k in rep["sops_per_layer"])   # spike products are counted too
 
 
-def test_stbp_paradigm_trains_on_digits(tmp_path):
+@pytest.fixture(scope="module")
+def stbp_run(tmp_path_factory):
+  """A short STBP training run, shared by the tests below (one worker computes it once)."""
+  workdir = tmp_path_factory.mktemp("stbp")
   cfg = small_digits(30, **{"model.arch.paradigm": "stbp", "model.arch.T": 2, "optimizer.lr": 0.4})
-  out = train_lib.train_and_evaluate(cfg, str(tmp_path), quiet=True)
-  losses = [r["loss"] for r in read_metrics(tmp_path)]
+  return cfg, workdir, train_lib.train_and_evaluate(cfg, str(workdir), quiet=True)
+
+
+@pytest.mark.xdist_group("stbp_run")
+def test_stbp_paradigm_trains_on_digits(stbp_run):
+  _, workdir, out = stbp_run
+  losses = [r["loss"] for r in read_metrics(workdir)]
   assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])
   assert "accuracy_stbp" in out and "accuracy_quantize" not in out and out["accuracy_stbp"] > 0.2
 
 
-def test_stbp_checkpoint_evaluates_with_its_energy_report(tmp_path):
-  cfg = small_digits(3, **{"model.arch.paradigm": "stbp", "model.arch.T": 2})
-  trained = train_lib.train_and_evaluate(cfg, str(tmp_path), quiet=True)
-  rep = evaluation.evaluate_checkpoint(cfg, str(tmp_path / "checkpoints"), energy_images=8)
+@pytest.mark.xdist_group("stbp_run")
+def test_stbp_checkpoint_evaluates_with_its_energy_report(stbp_run, tmp_path):
+  cfg, workdir, trained = stbp_run
+  rep = evaluation.evaluate_checkpoint(cfg, str(workdir / "checkpoints"), energy_images=8)
   # The restored checkpoint scores exactly what the network scored at the end of training.
   assert rep["paradigm"] == "stbp" and rep["accuracy_stbp"] == trained["accuracy_stbp"] and rep["accuracy_spike"] is None
   assert rep["sops_per_image"] > 0 and rep["macs_per_image"] > 0
