@@ -66,27 +66,43 @@ def _metrics(wd):
 def test_a_run_lives_in_a_bucket(gcs, tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)   # anything written locally by mistake would land here
   wd = f"{gcs}/runs/digits"
-  cfg = small_digits(4, checkpoint_every=2, eval_modes=("quantize", "spike"))
-  first = train_lib.train_and_evaluate(cfg, wd, quiet=True)
+  cfg = small_digits(8, checkpoint_every=2, eval_modes=("quantize", "spike"))
   root = epath.Path(wd)
-  assert first["workdir"] == wd and sorted(p.name for p in (root / "checkpoints").iterdir()) == ["2", "4", "best"]
+  real = train_lib.make_train_step
+
+  def interrupted(cfg_, setup_):   # the run dies in its 5th step, after the step-4 checkpoint
+    step_fn, calls = real(cfg_, setup_), [0]
+
+    def wrapped(state, batch):
+      calls[0] += 1
+      if calls[0] == 5:
+        raise KeyboardInterrupt
+      return step_fn(state, batch)
+    return wrapped
+
+  monkeypatch.setattr(train_lib, "make_train_step", interrupted)
+  with pytest.raises(KeyboardInterrupt):
+    train_lib.train_and_evaluate(cfg, wd, quiet=True)
+  monkeypatch.setattr(train_lib, "make_train_step", real)
+  assert sorted(p.name for p in (root / "checkpoints").iterdir()) == ["2", "4"]
   assert [r["step"] for r in _metrics(wd) if r["kind"] == "train"] == [1, 2, 3, 4]
-  assert json.loads((root / "summary.json").read_text())["accuracy_spike"] == first["accuracy_spike"]
-  assert json.loads((root / "config.json").read_text())["total_steps"] == 4
-  assert any(p.name.startswith("events.out.tfevents") for p in (root / "tb").iterdir())
+  assert json.loads((root / "config.json").read_text())["total_steps"] == 8
   assert not (root / run_control.LEASE_FILE).exists() and os.listdir(tmp_path) == []
 
-  # Resume to step 8, after damaging step 4: the run falls back to step 2 and moves step 4 aside.
+  # The same command, after damaging step 4: the run falls back to step 2, moves step 4 aside
+  # and finishes.
   state_dir = root / "checkpoints" / "4" / "state"
   data_files = [f for f in paths.files(state_dir) if f.parent.name == "d"]   # OCDBT data files
   victim = max(data_files, key=lambda p: p.stat().length)
   victim.write_bytes(victim.read_bytes()[:16])
-  cfg = small_digits(8, checkpoint_every=2, eval_modes=("quantize", "spike"))
   again = train_lib.train_and_evaluate(cfg, wd, quiet=True)
-  assert (root / "damaged_checkpoints" / "4" / "state").is_dir()
+  assert again["workdir"] == wd and (root / "damaged_checkpoints" / "4" / "state").is_dir()
   steps = [r["step"] for r in _metrics(wd) if r["kind"] == "train"]
   assert steps == [1, 2, 3, 4, 3, 4, 5, 6, 7, 8]     # the bucket's metrics.jsonl keeps both runs' records
   assert sorted(p.name for p in (root / "checkpoints").iterdir()) == ["4", "6", "8", "best"]
+  assert json.loads((root / "summary.json").read_text())["accuracy_spike"] == again["accuracy_spike"]
+  assert any(p.name.startswith("events.out.tfevents") for p in (root / "tb").iterdir())
+  assert not (root / run_control.LEASE_FILE).exists() and os.listdir(tmp_path) == []
 
   # Evaluate and export from the bucket, into the bucket.
   rep = evaluation.evaluate_checkpoint(cfg, root / "checkpoints", energy_images=8)
