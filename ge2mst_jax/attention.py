@@ -132,6 +132,15 @@ def _product(spec, a, b, mode, owner, name, collect, scales=None):
   return out
 
 
+def static_alpha(alpha) -> float | None:
+  """`alpha` as a Python float if it is known while tracing (a Python, numpy or concrete JAX
+  scalar), else None (a traced value, as in the train step's schedule)."""
+  try:
+    return float(alpha)
+  except (TypeError, jax.errors.ConcretizationTypeError):   # a tracer, or not a scalar
+    return None
+
+
 def _tokens(x, fn):
   """Applies an array function to a real tensor or to each spike step of a SpikeTrain."""
   return x.replace(spikes=fn(x.spikes)) if isinstance(x, SpikeTrain) else fn(x)
@@ -173,7 +182,7 @@ class SpikingAttention(nnx.Module):
     """Attention of spike-coded `q, k, v` laid out `(..., G, N, heads, d)` (any leading dims)."""
     kw = dict(mode=mode, alpha=alpha, collect=collect)
     # With a static alpha = 1 (evaluation) the operands are exactly on their grids.
-    on_grid = mode == "quantize" and isinstance(alpha, (int, float)) and alpha >= 1
+    on_grid = mode == "quantize" and (static_alpha(alpha) or 0.0) >= 1
     scale = lambda n: code_scale(n.threshold(), n.T, n.K, q.dtype) if on_grid else None
     pair = lambda n1, n2: (scale(n1), scale(n2)) if on_grid else None
     scores = _product("...gnhd,...gmhd->...ghnm", q, k, mode, self, "qk", collect, pair(self.q_if, self.k_if))

@@ -193,11 +193,19 @@ class Ge2msT(nnx.Module):
         raise ValueError(f"Images are {H}x{W} but the model is built for {cfg.image_size}x{cfg.image_size} "
                          f"(GW-SSA strides {cfg.gw_strides}): resize the images or set image_size.")
 
+  @property
+  def training(self) -> bool:
+    """BatchNorm on batch statistics: after `model.train()`, and as `create_model` returns it."""
+    return any(isinstance(m, nnx.BatchNorm) and not m.use_running_average for _, m in nnx.iter_graph(self))
+
   def __call__(self, images, *, mode: str = "quantize", alpha=1.0, collect: bool = False):
     if mode not in MODES:
       raise ValueError(f"Unknown mode {mode!r}: use 'quantize' (training) or 'spike' (inference).")
     if (mode == "stbp") != (self.cfg.paradigm == "stbp"):
       raise ValueError(f"A {self.cfg.paradigm!r} network runs in mode(s) {self.cfg.eval_modes}, not {mode!r}.")
+    if mode == "spike" and self.training:
+      raise ValueError("Spike mode is inference (BatchNorm folded in from its running statistics) but the model is "
+                       "in training mode, where quantize mode uses batch statistics: call model.eval() first.")
     self.check_input(images)
     kw = dict(mode=mode, alpha=alpha, collect=collect)
     x = images.astype(jnp.promote_types(self.cfg.dtype, jnp.float32))
@@ -238,6 +246,8 @@ def create_model(name: str, num_classes: int = 1000, rngs: nnx.Rngs | int = 0, *
 
   `rngs` initialises the weights: an `nnx.Rngs`, or an int seed. The default is seed 0, so
   two calls without `rngs` build identical networks; pass a seed to get another draw.
+  The network is in training mode (BatchNorm on batch statistics): `model.eval()` before
+  inference, which spike mode requires.
   """
   return Ge2msT(arch_config(name, **overrides), num_classes, rngs=_as_rngs(rngs))
 

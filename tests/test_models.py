@@ -71,6 +71,38 @@ def test_gw_ssa_equals_looped_reference(H, W, s, heads, frac):
                              rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("alpha", [1.0, 1, np.float32(1.0), np.array(1.0), jnp.float32(1.0)],
+                         ids=lambda a: type(a).__name__)
+def test_every_static_alpha_of_one_takes_the_exact_grid_product(alpha, monkeypatch):
+  """Evaluation's exact-tie path (grid_einsum) for alpha = 1 however it is written; a traced
+  alpha (the train step's schedule) cannot be known to be on the grid and takes the plain one."""
+  att = attention.SpikingAttention(16, 1, 2, 0.5, neuron=dict(T=4, K=2), rngs=nnx.Rngs(0))
+  att.eval()
+  x = jax.random.normal(jax.random.key(1), (1, 4, 4, 16))
+  calls = []
+  real = attention.grid_einsum
+  monkeypatch.setattr(attention, "grid_einsum", lambda *a: calls.append(a[0]) or real(*a))
+  reference = att(x, mode="quantize", alpha=1.0)
+  assert len(calls) == 4          # Q.K^T and A.V in the global and the local part
+  np.testing.assert_array_equal(att(x, mode="quantize", alpha=alpha), reference)
+  assert len(calls) == 8
+  nnx.jit(lambda m, a: m(x, mode="quantize", alpha=a))(att, alpha)
+  assert len(calls) == 8
+
+
+def test_spike_mode_refuses_a_model_in_training_mode():
+  # Spike mode folds BatchNorm's running statistics in; quantize mode in training mode uses the
+  # batch's, so on a model fresh from create_model the two would silently disagree.
+  model = models.create_model("ge2mst_tiny", 10, image_size=16)
+  x = jnp.zeros((1, 16, 16, 3))
+  assert model.training
+  with pytest.raises(ValueError, match=r"model is in training mode.*call model\.eval\(\) first") as err:
+    model(x, mode="spike")
+  assert "\n" not in str(err.value)
+  model.eval()
+  assert not model.training and nnx.eval_shape(lambda m: m(x, mode="spike"), model).shape == (1, 10)
+
+
 def test_grouping_round_trip_and_layout():
   x = jnp.arange(2 * 4 * 6 * 3).reshape(2, 4, 6, 3)
   for kind in attention.GROUPINGS:
