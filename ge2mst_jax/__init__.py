@@ -11,6 +11,7 @@ _LAZY = {
     "create_model": "ge2mst_jax.models",
     **{name: "ge2mst_jax.neurons" for name in ("ExpGIF", "SpikeTrain", "alpha_schedule", "expg_levels",
                                                 "expg_quantize", "expg_spikes", "progressive_activation")},
+    "eval_transform": "ge2mst_jax.transforms",
     "export": "ge2mst_jax.weights",
     "load": "ge2mst_jax.weights",
 }

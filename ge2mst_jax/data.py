@@ -14,10 +14,8 @@ import jax
 import numpy as np
 
 from ge2mst_jax import paths
+from ge2mst_jax import transforms
 from ge2mst_jax.errors import DataError
-
-MEAN = {"digits": (0.5,) * 3, "imagenet": (0.485, 0.456, 0.406), "cifar": (0.4914, 0.4822, 0.4465)}
-STD = {"digits": (0.5,) * 3, "imagenet": (0.229, 0.224, 0.225), "cifar": (0.2470, 0.2435, 0.2616)}
 
 
 # ----------------------------------------------------------------------------
@@ -97,22 +95,6 @@ def make_source(cfg, split: str):
 # ----------------------------------------------------------------------------
 # Transforms (numpy, per record, run in grain workers)
 # ----------------------------------------------------------------------------
-def _resize(img: np.ndarray, size: int) -> np.ndarray:
-  """Bilinear resize of an HWC uint8/float image to `size` x `size` (no TensorFlow, no PIL needed)."""
-  h, w = img.shape[:2]
-  if (h, w) == (size, size):
-    return img.astype(np.float32)
-  ys = (np.arange(size) + 0.5) * h / size - 0.5
-  xs = (np.arange(size) + 0.5) * w / size - 0.5
-  y0, x0 = np.clip(np.floor(ys).astype(int), 0, h - 1), np.clip(np.floor(xs).astype(int), 0, w - 1)
-  y1, x1 = np.clip(y0 + 1, 0, h - 1), np.clip(x0 + 1, 0, w - 1)
-  wy, wx = np.clip(ys - y0, 0, 1)[:, None, None], np.clip(xs - x0, 0, 1)[None, :, None]
-  img = img.astype(np.float32)
-  top = img[y0][:, x0] * (1 - wx) + img[y0][:, x1] * wx
-  bot = img[y1][:, x0] * (1 - wx) + img[y1][:, x1] * wx
-  return top * (1 - wy) + bot * wy
-
-
 def _random_resized_crop(img, size, rng, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
   h, w = img.shape[:2]
   for _ in range(10):
@@ -121,15 +103,8 @@ def _random_resized_crop(img, size, rng, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)
     ch, cw = int(round(np.sqrt(area / ar))), int(round(np.sqrt(area * ar)))
     if 0 < ch <= h and 0 < cw <= w:
       y, x = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
-      return _resize(img[y:y + ch, x:x + cw], size)
-  return _center_crop(img, size)
-
-
-def _center_crop(img, size, crop_fraction=0.875):
-  h, w = img.shape[:2]
-  c = int(min(h, w) * crop_fraction)
-  y, x = (h - c) // 2, (w - c) // 2
-  return _resize(img[y:y + c, x:x + c], size)
+      return transforms.resize(img[y:y + ch, x:x + cw], size)
+  return transforms.center_crop(img, size)
 
 
 def _rand_augment(img, rng, num_ops=2, magnitude=9):
@@ -164,31 +139,28 @@ class Preprocess(grain.transforms.RandomMap):
   def random_map(self, rec: dict, rng: np.random.Generator) -> dict[str, Any]:
     img = np.asarray(rec["image"])
     if self.event_frames:  # event frames [T, H, W, 2]: counts, resize per frame, no colour ops
-      frames = np.stack([_resize(f, self.image_size) for f in img.astype(np.float32)])
+      frames = np.stack([transforms.resize(f, self.image_size) for f in img.astype(np.float32)])
       if self.train and rng.uniform() < 0.5:
         frames = frames[:, :, ::-1]
       return {"image": (frames / max(1.0, frames.max())).astype(np.float32),
               "label": np.int32(rec["label"])}
-    if img.ndim == 2:
-      img = img[..., None]
-    if img.shape[-1] == 1:
-      img = np.repeat(img, 3, axis=-1)
-    if self.train and self.policy == "imagenet":
+    label = np.int32(rec["label"])
+    if not self.train or self.policy == "none":  # the transform `transforms.eval_transform` gives users
+      return {"image": transforms.eval_image(img, self.image_size, self.policy, self.norm), "label": label}
+    img = transforms.to_rgb(img)
+    if self.policy == "imagenet":
       img = _random_resized_crop(img, self.image_size, rng)
       img = img[:, ::-1] if rng.uniform() < 0.5 else img
       img = _rand_augment(img, rng, self.randaug_ops, self.randaug_magnitude)
-    elif self.train and self.policy == "cifar":
-      img = _resize(img, self.image_size)
+    elif self.policy == "cifar":
+      img = transforms.resize(img, self.image_size)
       img = np.pad(img, ((4, 4), (4, 4), (0, 0)), mode="reflect")
       y, x = rng.integers(0, 9, size=2)
       img = img[y:y + self.image_size, x:x + self.image_size]
       img = img[:, ::-1] if rng.uniform() < 0.5 else img
-    elif self.policy == "imagenet":
-      img = _center_crop(img, self.image_size)
     else:
-      img = _resize(img, self.image_size)
-    img = (img / 255.0 - np.asarray(MEAN[self.norm], np.float32)) / np.asarray(STD[self.norm], np.float32)
-    return {"image": img.astype(np.float32), "label": np.int32(rec["label"])}
+      raise ValueError(f"Unknown augmentation policy {self.policy!r}: use 'none', 'cifar' or 'imagenet'.")
+    return {"image": transforms.normalize(img, self.norm), "label": label}
 
 
 # ----------------------------------------------------------------------------

@@ -1,14 +1,17 @@
 """Using trained weights elsewhere: `load` a work directory or exported file, `export` a portable one.
 
     model, config = ge2mst_jax.load("workdirs/digits")      # or "digits.safetensors"
+    images = ge2mst_jax.eval_transform(config)(uint8_images)  # the run's resize/crop and normalisation
     logits = model(images, mode="spike")
 
 The exported file is safetensors: every model array (parameters, BatchNorm statistics,
-thresholds) under its '/'-joined path, and the training config as JSON in the metadata.
+thresholds) under its '/'-joined path, and the training config as JSON in the metadata;
+beside it a manifest (sha256, step, config, evaluated metrics, package version).
 Work directories and exported files may be local or in a bucket (`gs://...`).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 
 import jax
@@ -19,6 +22,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as safetensors_from_bytes
 from safetensors.numpy import save as safetensors_to_bytes
 
+from ge2mst_jax import __version__
 from ge2mst_jax import paths
 from ge2mst_jax import saved_config
 from ge2mst_jax import sharding as shd
@@ -71,11 +75,29 @@ def load(path, step: int | None = None):
   return model, cfg
 
 
+def manifest_path(out) -> epath.Path:
+  """Where `export` writes the manifest of `out`: beside it, `NAME.manifest.json`."""
+  p = paths.resolve(out)
+  return p.parent / (p.name.removesuffix(".safetensors") + ".manifest.json")
+
+
 def export(workdir, out, step: int | None = None) -> str:
-  """Writes the newest (or `step`) checkpoint's model and config of `workdir` to `out` (safetensors)."""
+  """Writes the newest (or `step`) checkpoint's model and config of `workdir` to `out` (safetensors).
+
+  Beside it, `manifest_path(out)`: the file's sha256, the step, the config, the metrics the
+  run evaluated (its `summary.json`, when the exported step is the one it evaluated) and the
+  package version, so a ported checkpoint can be checked against what it scored here.
+  """
   model, cfg, step = _model_from_workdir(workdir, step)
   flat = {k: np.asarray(v) for k, v in saved_config.flat(jax.device_get(nnx.to_pure_dict(nnx.state(model)))).items()}
   dest = paths.resolve(out)
   dest.parent.mkdir(parents=True, exist_ok=True)
-  dest.write_bytes(safetensors_to_bytes(flat, metadata={"config": cfg.to_json(), "step": str(step), "format": "ge2mst_jax/1"}))
+  data = safetensors_to_bytes(flat, metadata={"config": cfg.to_json(), "step": str(step), "format": "ge2mst_jax/1"})
+  dest.write_bytes(data)
+  summary = epath.Path(workdir) / "summary.json"
+  metrics = json.loads(summary.read_text()) if summary.exists() else {}
+  manifest = {"file": dest.name, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data), "step": step,
+              "ge2mst_jax": __version__, "config": json.loads(cfg.to_json()),
+              "metrics": {k: v for k, v in metrics.items() if k != "workdir"} if metrics.get("step") == step else {}}
+  paths.write_text_atomic(manifest_path(out), json.dumps(manifest, indent=2))
   return str(out)

@@ -1,4 +1,5 @@
 """eval.py's library, load/export and fine-tuning, on a checkpoint from a short digits run."""
+import hashlib
 import json
 import os
 import shutil
@@ -6,13 +7,15 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
 import ge2mst_jax
 from ge2mst_jax import checkpoint as ckpt_lib
-from ge2mst_jax import evaluation, train_lib
+from ge2mst_jax import data as data_lib
+from ge2mst_jax import evaluation, train_lib, weights
 from tests.test_train import ROOT, small_digits
 
 # The tests share a module fixture: one worker computes it once.
@@ -61,6 +64,31 @@ def test_load_export_round_trip_gives_identical_logits(trained, tmp_path):
   both = nnx.jit(lambda m, x: (m(x, mode="quantize"), m(x, mode="spike")))
   for a, b in zip(both(model, x), both(model2, x)):
     np.testing.assert_array_equal(a, b)
+
+
+def test_a_loaded_or_exported_model_scores_its_evaluated_accuracy_from_raw_images(trained, tmp_path):
+  """As a user in another pipeline: raw uint8 images as the data set ships them, the transform
+  the checkpoint's config describes, the model: the accuracy the run evaluated."""
+  cfg, workdir, out = trained
+  source = data_lib.make_source(cfg.data, "test")
+  raw = np.stack([source[i]["image"] for i in range(len(source))])
+  labels = np.asarray([source[i]["label"] for i in range(len(source))])
+  assert raw.dtype == np.uint8 and len(raw) == 360
+  path = ge2mst_jax.export(workdir, str(tmp_path / "digits.safetensors"))
+  manifest = json.loads(weights.manifest_path(path).read_text())
+  with open(path, "rb") as f:
+    assert manifest["sha256"] == hashlib.sha256(f.read()).hexdigest()
+  assert manifest["step"] == 8 and manifest["ge2mst_jax"] == ge2mst_jax.__version__
+  assert manifest["metrics"]["accuracy_spike"] == out["accuracy_spike"] and manifest["config"]["data"]["norm"] == "digits"
+  predict = nnx.jit(lambda m, x: jnp.argmax(m(x, mode="spike"), -1))
+  for model, config in (ge2mst_jax.load(workdir), ge2mst_jax.load(path)):
+    images = ge2mst_jax.eval_transform(config)(raw)
+    hits = np.concatenate([np.asarray(predict(model, images[i:i + 120])) == labels[i:i + 120] for i in range(0, 360, 120)])
+    assert hits.mean() == out["accuracy_spike"]
+  batch = next(data_lib.eval_batches(cfg.data, 120))   # the transform is the pipeline's evaluation transform
+  np.testing.assert_array_equal(images[:120], batch["image"])
+  with pytest.raises(ValueError, match=r"Images of shape \(16, 16, 3\): pass a batch .*images\[None\]"):
+    ge2mst_jax.eval_transform(cfg)(raw[0])
 
 
 def test_damaged_and_missing_checkpoints_are_clear_errors(trained, tmp_path):
