@@ -17,6 +17,15 @@ def shard_local_reverse(mesh, axes):
   return jax.shard_map(lambda x: x[::-1], mesh=mesh, in_specs=spec, out_specs=spec)
 
 
+def augmentation_key(seed: int) -> jax.Array:
+  """The run's augmentation stream; step `s` uses `fold_in(augmentation_key(seed), s)`.
+
+  Its own stream: `nnx.Rngs(seed)` initialises the weights with `fold_in(key(seed), i)`, so
+  `fold_in(key(seed), step)` would hand step i the key that drew the i-th initial weights.
+  """
+  return jax.random.split(jax.random.key(seed))[1]
+
+
 def mix(images, labels, rng, mixup: float, cutmix: float, partners=lambda x: x[::-1]):
   """Mixup or CutMix (chosen 50/50 when both are on) with one lambda per batch.
 

@@ -46,9 +46,7 @@ def make_train_step(cfg, setup: TrainSetup):
   skip_nonfinite = cfg.nonfinite == "skip"
   train_mode = arch_from_config(cfg).train_mode
   partners = mixing.shard_local_reverse(setup.mesh, shd.DATA_AXES)
-  # Its own stream: nnx.Rngs(seed) draws fold_in(key(seed), i) for initialisation, so
-  # fold_in(key(seed), step) here would reuse the initialisation's keys.
-  aug_key = jax.random.split(jax.random.key(cfg.seed))[1]
+  aug_key = mixing.augmentation_key(cfg.seed)
 
   def train_step(state, batch):
     # A copy taken before the forward pass, which updates BatchNorm statistics in place: a

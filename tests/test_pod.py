@@ -316,3 +316,18 @@ def test_compile_cache_location(monkeypatch, tmp_path):
     assert shd.enable_compile_cache("off") is None
   finally:
     jax.config.update("jax_compilation_cache_dir", old)
+
+
+def test_augmentation_and_initialisation_draw_independent_keys():
+  # nnx.Rngs(seed) initialises with fold_in(key(seed), i): an augmentation key
+  # fold_in(key(seed), step) would correlate step i's mixup/cutmix with the i-th initial weights.
+  from flax import nnx
+  seed = 0
+  rngs = nnx.Rngs(seed)
+  init_keys = {tuple(np.asarray(jax.random.key_data(rngs.params())).tolist()) for _ in range(256)}
+  aug = mixing.augmentation_key(seed)
+  aug_keys = {tuple(np.asarray(jax.random.key_data(jax.random.fold_in(aug, s))).tolist()) for s in range(256)}
+  assert len(init_keys) == len(aug_keys) == 256 and not init_keys & aug_keys
+  naive = {tuple(np.asarray(jax.random.key_data(jax.random.fold_in(jax.random.key(seed), s))).tolist())
+           for s in range(256)}
+  assert naive & init_keys   # the collision the separate stream avoids
