@@ -74,12 +74,15 @@ def make_eval_step(cfg, setup: TrainSetup, modes=("quantize", "spike")):
   """`eval_step(state, metrics_state, batch) -> metrics_state` (`EvalMetrics(modes, ...)`'s state)."""
   graphdef = setup.graphdef
   metrics_def, _ = nnx.split(EvalMetrics(modes, cfg.data.num_classes))
+  precision = cfg.get("eval_matmul_precision", "highest")   # configs saved before the option: highest
 
   def eval_step(state, metrics_state, batch):
     model, _ = nnx.merge(graphdef, state)
     model.eval()
     metrics = nnx.merge(metrics_def, metrics_state)
-    metrics.update({m: model(batch["image"], mode=m) for m in modes}, batch["label"], batch["mask"])
+    with jax.default_matmul_precision(None if precision == "default" else precision):
+      logits = {m: model(batch["image"], mode=m) for m in modes}
+    metrics.update(logits, batch["label"], batch["mask"])
     return nnx.state(metrics)
 
   return jax.jit(eval_step, in_shardings=(setup.shardings, None, None), donate_argnums=1)

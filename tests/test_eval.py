@@ -15,7 +15,8 @@ from flax import nnx
 import ge2mst_jax
 from ge2mst_jax import checkpoint as ckpt_lib
 from ge2mst_jax import data as data_lib
-from ge2mst_jax import evaluation, train_lib, weights
+from ge2mst_jax import evaluation, evaluators, train_lib, train_state, weights
+from ge2mst_jax import sharding as shd
 from tests.test_train import ROOT, small_digits
 
 # The tests share a module fixture: one worker computes it once.
@@ -89,6 +90,21 @@ def test_a_loaded_or_exported_model_scores_its_evaluated_accuracy_from_raw_image
   np.testing.assert_array_equal(images[:120], batch["image"])
   with pytest.raises(ValueError, match=r"Images of shape \(16, 16, 3\): pass a batch .*images\[None\]"):
     ge2mst_jax.eval_transform(cfg)(raw[0])
+
+
+@pytest.mark.parametrize("precision", ["highest", "default"])
+def test_evaluation_sets_its_matmul_precision(precision):
+  """Accelerators run float32 matmuls at reduced precision unless asked: evaluation asks for
+  `eval_matmul_precision` on every dot and convolution of both modes (read from the lowered
+  program, which is what an accelerator compiles)."""
+  cfg = small_digits(8, eval_matmul_precision=precision)
+  setup = train_state.abstract_train_state(cfg, shd.make_mesh(1))
+  _, metrics_state = nnx.split(evaluators.EvalMetrics(("quantize", "spike"), 10))
+  batch = {"image": jax.ShapeDtypeStruct((120, 16, 16, 3), np.float32),
+           "label": jax.ShapeDtypeStruct((120,), np.int32), "mask": jax.ShapeDtypeStruct((120,), bool)}
+  text = evaluators.make_eval_step(cfg, setup).lower(setup.abstract, metrics_state, batch).as_text()
+  ops = [l for l in text.splitlines() if "stablehlo.dot_general" in l or "stablehlo.convolution" in l]
+  assert len(ops) > 20 and all(("HIGHEST" in l) == (precision == "highest") for l in ops)
 
 
 def test_damaged_and_missing_checkpoints_are_clear_errors(trained, tmp_path):
