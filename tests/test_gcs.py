@@ -19,6 +19,7 @@ from ge2mst_jax import run_control
 from ge2mst_jax import sharding as shd
 from ge2mst_jax import train_lib
 from ge2mst_jax.weights import export, load
+from tests import faults
 from tests.test_train import small_digits
 
 BUCKET = "ge2mst-test"
@@ -68,22 +69,10 @@ def test_a_run_lives_in_a_bucket(gcs, tmp_path, monkeypatch):
   wd = f"{gcs}/runs/digits"
   cfg = small_digits(8, checkpoint_every=2, eval_modes=("quantize", "spike"))
   root = epath.Path(wd)
-  real = train_lib.make_train_step
-
-  def interrupted(cfg_, setup_):   # the run dies in its 5th step, after the step-4 checkpoint
-    step_fn, calls = real(cfg_, setup_), [0]
-
-    def wrapped(state, batch):
-      calls[0] += 1
-      if calls[0] == 5:
-        raise KeyboardInterrupt
-      return step_fn(state, batch)
-    return wrapped
-
-  monkeypatch.setattr(train_lib, "make_train_step", interrupted)
-  with pytest.raises(KeyboardInterrupt):
-    train_lib.train_and_evaluate(cfg, wd, quiet=True)
-  monkeypatch.setattr(train_lib, "make_train_step", real)
+  with monkeypatch.context() as patch:   # the run dies in its 5th step, after the step-4 checkpoint
+    faults.on_train_call(patch, 5, faults.interrupt)
+    with pytest.raises(KeyboardInterrupt):
+      train_lib.train_and_evaluate(cfg, wd, quiet=True)
   assert sorted(p.name for p in (root / "checkpoints").iterdir()) == ["2", "4"]
   assert [r["step"] for r in _metrics(wd) if r["kind"] == "train"] == [1, 2, 3, 4]
   assert json.loads((root / "config.json").read_text())["total_steps"] == 8

@@ -202,19 +202,12 @@ def test_watchdog_fires_only_after_progress_stops():
 HANG = """
 import sys, threading
 sys.path.insert(0, {root!r})
+import pytest
 from ge2mst_jax import train_lib
+from tests import faults
 from tests.test_train import small_digits
-real = train_lib.make_train_step
-def hanging(cfg, setup):
-  step = real(cfg, setup)
-  calls = [0]
-  def wrapped(state, batch):
-    calls[0] += 1
-    if calls[0] == 3:
-      threading.Event().wait()   # a collective that never completes
-    return step(state, batch)
-  return wrapped
-train_lib.make_train_step = hanging
+hang = lambda *_: threading.Event().wait()   # a collective that never completes
+faults.on_train_call(pytest.MonkeyPatch(), 3, hang)
 train_lib.train_and_evaluate(small_digits(8, watchdog_secs=5.0), sys.argv[1], quiet=True)
 """
 

@@ -16,7 +16,7 @@ import pytest
 from ge2mst_jax import checkpoint as ckpt_lib
 from ge2mst_jax import errors
 from ge2mst_jax import train_lib
-from tests import cpu, waiting
+from tests import cpu, faults, waiting
 from tests.test_train import ROOT, read_metrics, small_digits
 
 CLI_SMALL = [  # the tests' small digits network (tests.test_train.small_digits); async saves by default
@@ -97,20 +97,9 @@ def test_sigkill_at_random_moments_and_sigterm_resume_to_the_uninterrupted_param
 
 
 def _nan_at_step(monkeypatch, at: int):
-  """Fault injection: the loop's `at`-th step gets a batch of NaN images (loss and gradients NaN)."""
-  real = train_lib.make_train_step
-
-  def make(cfg, setup):
-    step, calls = real(cfg, setup), [0]
-
-    def faulty(state, batch):
-      calls[0] += 1
-      if calls[0] == at:
-        batch = dict(batch, image=batch["image"] * jnp.nan)
-      return step(state, batch)
-    return faulty
-
-  monkeypatch.setattr(train_lib, "make_train_step", make)
+  """The loop's `at`-th step gets a batch of NaN images (loss and gradients NaN)."""
+  nan_batch = lambda step, state, batch: step(state, dict(batch, image=batch["image"] * jnp.nan))
+  faults.on_train_call(monkeypatch, at, nan_batch)
 
 
 def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):

@@ -16,6 +16,7 @@ from ge2mst_jax import data as data_lib
 from ge2mst_jax import sharding as shd
 from ge2mst_jax import train_lib
 from ge2mst_jax import train_state
+from tests import faults
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -103,22 +104,10 @@ def test_resume_reaches_the_same_parameters_on_any_mesh(tmp_path, monkeypatch):
   cfg.eval_modes = ("quantize",)
   full = train_lib.train_and_evaluate(cfg, str(tmp_path / "full"), quiet=True)
 
-  real = train_lib.make_train_step
-
-  def dying(cfg_, setup_):
-    step_fn, calls = real(cfg_, setup_), [0]
-
-    def wrapped(state, batch):
-      calls[0] += 1
-      if calls[0] == 6:   # preempted after the step-4 checkpoint, mid-way to the next one
-        raise KeyboardInterrupt
-      return step_fn(state, batch)
-    return wrapped
-
-  monkeypatch.setattr(train_lib, "make_train_step", dying)
-  with pytest.raises(KeyboardInterrupt):
-    train_lib.train_and_evaluate(cfg, str(tmp_path / "cut"), quiet=True)
-  monkeypatch.setattr(train_lib, "make_train_step", real)
+  with monkeypatch.context() as patch:   # preempted after the step-4 checkpoint, mid-way to the next one
+    faults.on_train_call(patch, 6, faults.interrupt)
+    with pytest.raises(KeyboardInterrupt):
+      train_lib.train_and_evaluate(cfg, str(tmp_path / "cut"), quiet=True)
 
   def no_init(*_):
     raise AssertionError("a restore computed a fresh state first")
