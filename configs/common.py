@@ -39,7 +39,11 @@ def base_config(model: str, *, dataset: str, num_classes: int, image_size: int, 
   c.data = ml_collections.ConfigDict(dict(
       name=dataset, num_classes=num_classes, image_size=image_size, data_dir="", train_split="train",
       test_split="test", augment="none", eval_policy="none", norm="cifar", workers=0, read_threads=2,
-      randaug_ops=2, randaug_magnitude=9, event_frames=0))
+      event_frames=0,
+      # The 'imagenet' policy's extras (ge2mst_jax/augment.py): timm's RandAugment config string
+      # ('' = none) and random erasing's probability; decode_in_workers: tfds hands the workers the
+      # encoded images (SkipDecoding), which they decode themselves, at the crop's scale.
+      randaugment="", random_erasing=0.0, random_erasing_mode="pixel", decode_in_workers=False))
   c.batch_size = 128
   c.eval_batch_size = 256
   c.total_steps = 1000

@@ -4,8 +4,9 @@ python train.py --config configs/imagenet2012.py:small --config.data.data_dir=/d
 
 Recipe (the group's published spiking-transformer recipe, SpikingResformer): AdamW,
 lr 1e-3 at batch 256 scaled linearly with the batch, weight decay 0.01, 5 warm-up epochs
-then cosine decay, label smoothing 0.1, mixup 0.8 / cutmix 1.0, RandAugment(2, 9),
-random-resized crops and flips; 300 epochs. Evaluation: resize + 87.5 % centre crop.
+then cosine decay, label smoothing 0.1, mixup 0.8 / cutmix 1.0, random-resized crops and flips,
+timm's RandAugment `rand-m9-mstd0.5-inc1` and random erasing 0.25 (pixel noise), as Spikformer
+and its successors train ImageNet; 300 epochs. Evaluation: resize + 87.5 % centre crop.
 """
 from configs import common
 
@@ -17,6 +18,9 @@ def get_config(arg=None):
   c = common.base_config(f"ge2mst_{a['size']}", dataset="imagenet2012", num_classes=1000, image_size=224)
   c.data.train_split, c.data.test_split = "train", "validation"
   c.data.augment, c.data.eval_policy, c.data.norm = "imagenet", "imagenet", "imagenet"
+  c.data.randaugment = "rand-m9-mstd0.5-inc1"   # timm's string: magnitude 9, std 0.5, increasing ops
+  c.data.random_erasing = 0.25
+  c.data.decode_in_workers = True  # JPEG bytes to the workers, decoded at each crop's scale
   c.data.workers = 16
   c.batch_size = int(a["batch"])
   c.eval_batch_size = 250          # any size: padded to a multiple of the device count and masked

@@ -13,6 +13,7 @@ import grain
 import jax
 import numpy as np
 
+from ge2mst_jax import augment
 from ge2mst_jax import paths
 from ge2mst_jax import transforms
 from ge2mst_jax.errors import DataError
@@ -56,8 +57,12 @@ def digits_source(split: str, image_size: int = 32, test_fraction: float = 0.2, 
   return ArraySource((img * 255).round().astype(np.uint8), d.target[idx].astype(np.int32))
 
 
-def tfds_source(name: str, split: str, data_dir: str | None):
-  """`tfds.data_source` over prepared ArrayRecord files, with a clear error when they are missing."""
+def tfds_source(name: str, split: str, data_dir: str | None, encoded_images: bool = False):
+  """`tfds.data_source` over prepared ArrayRecord files, with a clear error when they are missing.
+
+  `encoded_images`: records carry the image feature's encoded bytes (tfds' `SkipDecoding`), for
+  the workers to decode themselves; otherwise tfds decodes every image at full size with PIL.
+  """
   import tensorflow_datasets as tfds
 
   if data_dir and paths.is_remote(data_dir):
@@ -67,7 +72,8 @@ def tfds_source(name: str, split: str, data_dir: str | None):
                     f"bucket (e.g. `gcsfuse --implicit-dirs BUCKET /gcs/BUCKET`) or copy the prepared data to "
                     f"local disk, and pass that directory.")
   try:
-    return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+    decoders = {"image": tfds.decode.SkipDecoding()} if encoded_images else None
+    return tfds.data_source(name, split=split, data_dir=data_dir, download=False, decoders=decoders)
   except Exception as e:  # tfds raises several types for "not prepared"
     where = data_dir or "~/tensorflow_datasets"
     if name.split(":")[0] not in tfds.list_builders(with_community_datasets=False):
@@ -81,86 +87,67 @@ def tfds_source(name: str, split: str, data_dir: str | None):
 
 
 def check_data(cfg) -> None:
-  """Opens both splits, so that a missing or unknown data set fails before any compile or write."""
+  """Opens both splits and reads the augmentation recipe, so that a missing or unknown data set or
+  a bad recipe fails before any compile or write."""
   for split in ("train", "test"):
     make_source(cfg, split)
+  _preprocess(cfg, True)
 
 
 def make_source(cfg, split: str):
   if cfg.name == "digits":
     return digits_source(split, cfg.image_size)
-  return tfds_source(cfg.name, cfg[f"{split}_split"], cfg.get("data_dir") or None)
+  return tfds_source(cfg.name, cfg[f"{split}_split"], cfg.get("data_dir") or None,
+                     encoded_images=cfg.get("decode_in_workers", False))
 
 
 # ----------------------------------------------------------------------------
-# Transforms (numpy, per record, run in grain workers)
+# Transforms (per record, run in grain workers)
 # ----------------------------------------------------------------------------
-def _random_resized_crop(img, size, rng, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
-  h, w = img.shape[:2]
-  for _ in range(10):
-    area = h * w * rng.uniform(*scale)
-    ar = np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1])))
-    ch, cw = int(round(np.sqrt(area / ar))), int(round(np.sqrt(area * ar)))
-    if 0 < ch <= h and 0 < cw <= w:
-      y, x = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
-      return transforms.resize(img[y:y + ch, x:x + cw], size)
-  return transforms.center_crop(img, size)
-
-
-def _rand_augment(img, rng, num_ops=2, magnitude=9):
-  """A RandAugment-style policy on float [0, 255] images: colour and geometric ops, numpy only."""
-  m = magnitude / 10.0
-  ops = [
-      lambda x: x * (1 + m * rng.uniform(-0.9, 0.9)),                                         # brightness
-      lambda x: (x - x.mean()) * (1 + m * rng.uniform(-0.9, 0.9)) + x.mean(),                 # contrast
-      lambda x: x.mean(-1, keepdims=True) + (x - x.mean(-1, keepdims=True)) * (1 + m * rng.uniform(-0.9, 0.9)),
-      lambda x: np.roll(x, int(m * rng.uniform(-0.3, 0.3) * x.shape[1]), axis=1),             # translate x
-      lambda x: np.roll(x, int(m * rng.uniform(-0.3, 0.3) * x.shape[0]), axis=0),             # translate y
-      lambda x: np.where(x < 256 * (1 - 0.5 * m), x, 255 - x),                                 # solarize
-      lambda x: np.floor(x / 2 ** int(1 + 3 * m)) * 2 ** int(1 + 3 * m),                       # posterize
-      lambda x: x,                                                                             # identity
-  ]
-  for k in rng.choice(len(ops), num_ops):
-    img = np.clip(ops[k](img), 0, 255)
-  return img
-
-
 @dataclasses.dataclass(frozen=True)
 class Preprocess(grain.transforms.RandomMap):
-  """Decode -> (augment) -> resize -> normalise. `train` picks the augmentation policy."""
+  """(Decode) -> (augment) -> resize -> normalise. `train` picks the augmentation policy.
+
+  Records carry decoded uint8 arrays or, where the source skips tfds' decoding
+  (`data.decode_in_workers`), the encoded bytes, which the ImageNet policy decodes at its
+  crop's scale.
+  """
   image_size: int
   train: bool
-  policy: str          # 'none' | 'cifar' (pad-crop + flip) | 'imagenet' (RRC + flip + RandAugment)
+  policy: str          # 'none' | 'cifar' (pad-crop + flip) | 'imagenet' (RRC + flip + RandAugment + erasing)
   norm: str
-  randaug_ops: int = 2
-  randaug_magnitude: int = 9
+  rand_augment: augment.RandAugment | None = None
+  random_erasing: augment.RandomErasing | None = None
   event_frames: int = 0
 
   def random_map(self, rec: dict, rng: np.random.Generator) -> dict[str, Any]:
-    img = np.asarray(rec["image"])
+    label = np.int32(rec["label"])
     if self.event_frames:  # event frames [T, H, W, 2]: counts, resize per frame, no colour ops
+      img = np.asarray(rec["image"])
       frames = np.stack([transforms.resize(f, self.image_size) for f in img.astype(np.float32)])
       if self.train and rng.uniform() < 0.5:
         frames = frames[:, :, ::-1]
-      return {"image": (frames / max(1.0, frames.max())).astype(np.float32),
-              "label": np.int32(rec["label"])}
-    label = np.int32(rec["label"])
+      return {"image": (frames / max(1.0, frames.max())).astype(np.float32), "label": label}
     if not self.train or self.policy == "none":  # the transform `transforms.eval_transform` gives users
-      return {"image": transforms.eval_image(img, self.image_size, self.policy, self.norm), "label": label}
-    img = transforms.to_rgb(img)
+      return {"image": transforms.eval_image(rec["image"], self.image_size, self.policy, self.norm), "label": label}
     if self.policy == "imagenet":
-      img = _random_resized_crop(img, self.image_size, rng)
-      img = img[:, ::-1] if rng.uniform() < 0.5 else img
-      img = _rand_augment(img, rng, self.randaug_ops, self.randaug_magnitude)
-    elif self.policy == "cifar":
-      img = transforms.resize(img, self.image_size)
+      img = rec["image"]
+      img = img if isinstance(img, (bytes, np.bytes_)) else transforms.to_rgb(np.asarray(img))
+      pil = augment.random_flip(augment.random_resized_crop(img, self.image_size, rng), rng)
+      if self.rand_augment is not None:
+        pil = self.rand_augment(pil, rng)
+      x = transforms.normalize(np.asarray(pil), self.norm)
+      if self.random_erasing is not None:   # after normalisation, as timm: the noise is N(0, 1) there
+        x = self.random_erasing(x, rng)
+      return {"image": x, "label": label}
+    if self.policy == "cifar":
+      img = transforms.resize(transforms.to_rgb(transforms.decode_image(rec["image"])), self.image_size)
       img = np.pad(img, ((4, 4), (4, 4), (0, 0)), mode="reflect")
       y, x = rng.integers(0, 9, size=2)
       img = img[y:y + self.image_size, x:x + self.image_size]
       img = img[:, ::-1] if rng.uniform() < 0.5 else img
-    else:
-      raise ValueError(f"Unknown augmentation policy {self.policy!r}: use 'none', 'cifar' or 'imagenet'.")
-    return {"image": transforms.normalize(img, self.norm), "label": label}
+      return {"image": transforms.normalize(img, self.norm), "label": label}
+    raise ValueError(f"Unknown augmentation policy {self.policy!r}: use 'none', 'cifar' or 'imagenet'.")
 
 
 # ----------------------------------------------------------------------------
@@ -179,8 +166,15 @@ def local_batch_size(global_batch: int) -> int:
 
 
 def _preprocess(cfg, train: bool) -> Preprocess:
-  return Preprocess(cfg.image_size, train, cfg.augment if train else cfg.eval_policy, cfg.norm,
-                    cfg.get("randaug_ops", 2), cfg.get("randaug_magnitude", 9), cfg.get("event_frames", 0))
+  ra, erasing = cfg.get("randaugment", ""), cfg.get("random_erasing", 0.0)
+  if (ra or erasing) and cfg.augment != "imagenet":
+    raise ValueError(f"data.randaugment={ra!r} / data.random_erasing={erasing} belong to the 'imagenet' policy "
+                     f"(data.augment={cfg.augment!r}): set data.augment='imagenet' or clear them.")
+  # timm's fill: the data set's mean colour, what a normalised image has at 0
+  ra = augment.parse_rand_augment(ra, fill=augment.mean_fill(transforms.MEAN[cfg.norm])) if ra else None
+  return Preprocess(cfg.image_size, train, cfg.augment if train else cfg.eval_policy, cfg.norm, ra,
+                    augment.RandomErasing(erasing, cfg.get("random_erasing_mode", "pixel")) if erasing else None,
+                    cfg.get("event_frames", 0))
 
 
 def train_dataset(cfg, global_batch: int, seed: int, source: Sequence | None = None,
@@ -198,12 +192,17 @@ def train_dataset(cfg, global_batch: int, seed: int, source: Sequence | None = N
   ds = ds.seed(seed).shuffle().repeat(None).random_map(_preprocess(cfg, True))[start:]
   ds = ds.batch(local_batch_size(global_batch), drop_remainder=True)
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.get("read_threads", 2), prefetch_buffer_size=4))
-  if cfg.get("workers", 0) > 0:
-    from absl import flags
-    if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; a library caller has parsed none
-      flags.FLAGS.mark_as_parsed()
-    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.workers))
-  return it
+  return _multiprocess(it, cfg.get("workers", 0))
+
+
+def _multiprocess(it: grain.IterDataset, workers: int) -> grain.IterDataset:
+  """`it` computed by `workers` processes (0: in this one), in the same order."""
+  if workers <= 0:
+    return it
+  from absl import flags
+  if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; a library caller has parsed none
+    flags.FLAGS.mark_as_parsed()
+  return it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
 
 
 def data_position(records: int, num_records: int) -> dict:
@@ -237,11 +236,33 @@ def eval_batch_shape(global_batch: int, num_devices: int) -> int:
   return -(-global_batch // num_devices) * num_devices
 
 
-def eval_batches(cfg, global_batch: int, num_devices: int | None = None):
-  """One pass over the test split, this process's share, in equal-count padded batches.
+@dataclasses.dataclass(frozen=True)
+class _EvalRecord(grain.transforms.Map):
+  """Position j of this process's padded share -> its transformed record, or a masked blank
+  beyond the share's end (`blank`: the image shape; zeros are made per record, cheaply)."""
+  source: Sequence
+  prep: Preprocess
+  start: int
+  stop: int
+  blank: tuple
+
+  def map(self, j: int) -> dict[str, Any]:
+    i = self.start + int(j)
+    if i >= self.stop:
+      return {"image": np.zeros(self.blank, np.float32), "label": np.int32(0), "mask": np.bool_(False)}
+    rec = self.prep.random_map(self.source[i], _EVAL_RNG)   # deterministic: the generator is unused
+    return {**rec, "mask": np.bool_(True)}
+
+
+_EVAL_RNG = np.random.default_rng(0)
+
+
+def eval_dataset(cfg, global_batch: int, num_devices: int | None = None) -> grain.IterDataset:
+  """One pass over the test split, this process's share, in equal-count padded batches, in order.
 
   Every process yields the same number of batches (multi-host steps stay in lockstep);
-  `mask` marks real examples. The batch is padded up to a multiple of `num_devices`.
+  `mask` marks real examples. The batch is padded up to a multiple of `num_devices`. Records
+  are read and transformed ahead by `read_threads` threads (and `workers` processes if set).
   """
   source = make_source(cfg, "test")
   n = len(source)
@@ -249,15 +270,18 @@ def eval_batches(cfg, global_batch: int, num_devices: int | None = None):
   start = jax.process_index() * per
   bs = local_batch_size(eval_batch_shape(global_batch, num_devices or jax.device_count()))
   prep = _preprocess(cfg, False)
-  rng = np.random.default_rng(0)  # eval transforms are deterministic; the generator is unused
-  blank = np.zeros_like(prep.random_map(source[0], rng)["image"])
-  for b in range(0, per, bs):
-    ids = [i for i in range(start + b, start + min(b + bs, per)) if i < n]
-    recs = [prep.random_map(source[i], rng) for i in ids]
-    mask = np.arange(bs) < len(recs)
-    images = np.stack([r["image"] for r in recs] + [blank] * (bs - len(recs)))
-    labels = np.asarray([r["label"] for r in recs] + [0] * (bs - len(recs)), np.int32)
-    yield {"image": images, "label": labels, "mask": mask}
+  blank = prep.random_map(source[0], _EVAL_RNG)["image"].shape
+  # `per` rounded up to whole batches: the last process's share may also run past the data set.
+  ds = grain.MapDataset.range(-(-per // bs) * bs).map(_EvalRecord(source, prep, start, min(start + per, n), blank))
+  ds = ds.batch(bs)
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(cfg.get("read_threads", 2), 1),
+                                            prefetch_buffer_size=2 * bs))
+  return _multiprocess(it, cfg.get("workers", 0))
+
+
+def eval_batches(cfg, global_batch: int, num_devices: int | None = None):
+  """An iterator over `eval_dataset`'s batches: {'image', 'label', 'mask'} numpy arrays."""
+  return iter(eval_dataset(cfg, global_batch, num_devices))
 
 
 def num_examples(cfg, split: str) -> int:

@@ -176,6 +176,9 @@ def test_tfds_cifar10_pipeline_and_training_on_mock_data(tmp_path):
 def test_tfds_imagenet_pipeline_shapes_on_mock_data():
   cfg = imagenet2012.get_config("small")
   cfg.data.workers = 0
+  # tfds' mock data cannot hand over encoded images without TensorFlow (it encodes them with it):
+  # here tfds decodes; tests/test_jpeg_records.py reads real JPEG records as ImageNet is read.
+  cfg.data.decode_in_workers = False
   with tfds.testing.mock_data(num_examples=24):
     b = next(iter(data_lib.train_dataset(cfg.data, 8, 0)))
     e = next(data_lib.eval_batches(cfg.data, 8))
