@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ge2mst_jax.blocks import SConv, SynapticConv, make_neuron
-from ge2mst_jax.neurons import SpikeTrain, code_scale
+from ge2mst_jax.blocks import SConv, SynapticConv, grid_unit, make_neuron
+from ge2mst_jax.neurons import SpikeTrain, grid_codes, static_alpha
 from ge2mst_jax.spike_stats import SpikeStats
 
 GROUPINGS = ("global", "local")
@@ -106,8 +106,7 @@ def grid_einsum(spec: str, a, b, scale_a, scale_b):
   other rounding would send tied scores to different levels in the two modes.
   The derivative is the bilinear one of the plain einsum.
   """
-  code = lambda t, sc: jnp.round(t * (1 / sc).astype(t.dtype))
-  return jnp.einsum(spec, code(a, scale_a), code(b, scale_b)) * (scale_a * scale_b).astype(a.dtype)
+  return jnp.einsum(spec, grid_codes(a, scale_a), grid_codes(b, scale_b)) * (scale_a * scale_b).astype(a.dtype)
 
 
 @grid_einsum.defjvp
@@ -130,15 +129,6 @@ def _product(spec, a, b, mode, owner, name, collect, scales=None):
     per_image = out.shape[0] * (out.shape[1] if mode == "stbp" else 1)
     owner.sow(SpikeStats, f"{name}_macs", jnp.asarray(out.size // per_image * contracted, jnp.float32))
   return out
-
-
-def static_alpha(alpha) -> float | None:
-  """`alpha` as a Python float if it is known while tracing (a Python, numpy or concrete JAX
-  scalar), else None (a traced value, as in the train step's schedule)."""
-  try:
-    return float(alpha)
-  except TypeError:   # a tracer (ConcretizationTypeError is one), or not a scalar
-    return None
 
 
 def _tokens(x, fn):
@@ -182,9 +172,8 @@ class SpikingAttention(nnx.Module):
     """Attention of spike-coded `q, k, v` laid out `(..., G, N, heads, d)` (any leading dims)."""
     kw = dict(mode=mode, alpha=alpha, collect=collect)
     # With a static alpha = 1 (evaluation) the operands are exactly on their grids.
-    on_grid = mode == "quantize" and (static_alpha(alpha) or 0.0) >= 1
-    scale = lambda n: code_scale(n.threshold(), n.T, n.K, q.dtype) if on_grid else None
-    pair = lambda n1, n2: (scale(n1), scale(n2)) if on_grid else None
+    on_grid = mode == "quantize" and grid_unit(self.q_if, mode, alpha, q.dtype) is not None
+    pair = lambda n1, n2: (n1.code_unit(q.dtype), n2.code_unit(q.dtype)) if on_grid else None
     scores = _product("...gnhd,...gmhd->...ghnm", q, k, mode, self, "qk", collect, pair(self.q_if, self.k_if))
     a = self.attn_if(scores * (2.0 ** -self.scale_log2), **kw)  # a shift
     return _product("...ghnm,...gmhd->...gnhd", a, v, mode, self, "av", collect, pair(self.attn_if, self.v_if))
@@ -193,9 +182,10 @@ class SpikingAttention(nnx.Module):
     """`x`: the block's real input. `spikes_in`: its ExpG-IF spikes if already emitted."""
     kw = dict(mode=mode, alpha=alpha, collect=collect)
     s = spikes_in if spikes_in is not None else self.q.neuron(x, **kw)
-    q = self.q_if(self.q.conv(s, mode=mode, collect=collect), **kw)
-    k = self.k_if(self.k(s, mode=mode, collect=collect), **kw)
-    v = self.v_if(self.v(s, mode=mode, collect=collect), **kw)
+    syn = dict(mode=mode, collect=collect, unit=grid_unit(self.q.neuron, mode, alpha, x.dtype))
+    q = self.q_if(self.q.conv(s, **syn), **kw)
+    k = self.k_if(self.k(s, **syn), **kw)
+    v = self.v_if(self.v(s, **syn), **kw)
     H, W = x.shape[-3:-1]
     outs, start = [], 0
     for kind, c in self.parts:   # at most two parts: the global and the local channels
@@ -210,7 +200,7 @@ class SpikingAttention(nnx.Module):
       outs.append(ungroup(self.attend(*g, **kw)))
       start += c
     o = jnp.concatenate(outs, axis=-1) if len(outs) > 1 else outs[0]
-    return self.proj(self.out_if(o, **kw), mode=mode, collect=collect)
+    return self.proj(self.out_if(o, **kw), mode=mode, collect=collect, unit=grid_unit(self.out_if, mode, alpha, o.dtype))
 
 
 class AttentionBlock(nnx.Module):
@@ -233,5 +223,5 @@ class AttentionBlock(nnx.Module):
     s = self.attn.q.neuron(x, mode=mode, alpha=alpha, collect=collect)
     y = x + self.attn(x, mode=mode, alpha=alpha, collect=collect, spikes_in=s)
     if self.conv is not None:
-      y = y + self.conv(s, mode=mode, collect=collect)
+      y = y + self.conv(s, mode=mode, collect=collect, unit=grid_unit(self.attn.q.neuron, mode, alpha, x.dtype))
     return y

@@ -170,7 +170,11 @@ class Ge2msT(nnx.Module):
       cin = c
     self.stages = nnx.List(stages)
     self.head_if = make_neuron(**nr)
-    self.classifier = SynapticConv(c4, num_classes, 1, bn=False, bias=True, dtype=dt, rngs=rngs)
+    # The logits layer computes in float32 whatever the network's dtype (a few thousandths of the
+    # FLOPs): its pooled input is off the code grid in quantize mode, and bf16 rounding of it
+    # would flip close logits between the two modes.
+    self.classifier = SynapticConv(c4, num_classes, 1, bn=False, bias=True, dtype=jnp.promote_types(dt, jnp.float32),
+                                   rngs=rngs)
 
   def check_input(self, images) -> None:
     """One-line errors for images that do not fit this network (raised before any compile)."""

@@ -183,6 +183,33 @@ def code_scale(lam: jax.Array, T: int, K: int, dtype=jnp.float32) -> jax.Array:
   return jnp.asarray(lam, dtype) * jnp.asarray(1.0 / expg_levels(T, K).Z, dtype)
 
 
+@jax.custom_jvp
+def grid_codes(q: jax.Array, unit: jax.Array) -> jax.Array:
+  """The integer codes (as floats) of values `q = code * unit` that lie on a quantizer's grid.
+
+  A layer fed quantizer outputs can then work on the exact codes and scale once, as spike
+  mode does: the codes are exact in bf16 (|code| <= 2^8), `code * unit` mostly is not.
+  Differentiable as `q / unit`, which it equals on the grid.
+  """
+  return jnp.round(q * (1 / unit).astype(q.dtype))
+
+
+@grid_codes.defjvp
+def _grid_codes_jvp(primals, tangents):
+  q, unit = primals
+  dq, dunit = tangents
+  return grid_codes(q, unit), (dq - q * dunit / unit) / unit
+
+
+def static_alpha(alpha) -> float | None:
+  """`alpha` as a Python float if it is known while tracing (a Python, numpy or concrete JAX
+  scalar), else None (a traced value, as in the train step's schedule)."""
+  try:
+    return float(alpha)
+  except TypeError:   # a tracer (ConcretizationTypeError is one), or not a scalar
+    return None
+
+
 def _code_parts(x, lam, T, K, symmetric, method):
   """`(sign, |code|)` of the neuron's integer code; the one-sided neuron's sign is 1."""
   if symmetric:
@@ -399,6 +426,16 @@ class ExpGIF(nnx.Module):
     # |lam| keeps the neuron well-defined if an optimiser step ever pushes it negative.
     return jnp.abs(self.lam[...]) + 1e-6
 
+  def code_unit(self, dtype=jnp.float32) -> jax.Array:
+    """`lam / Z` in `dtype`, as both modes compute it: the value of one unit of the neuron's code."""
+    return code_scale(self.threshold().astype(dtype), self.T, self.K, dtype)
+
+  def grid_unit(self, mode: str, alpha, dtype=jnp.float32) -> jax.Array | None:
+    """The unit of the grid the neuron's output lies on exactly, when it does: quantize mode at a
+    static alpha >= 1 (evaluation). None otherwise (training's blend, spike mode's SpikeTrain)."""
+    on_grid = mode == "quantize" and (static_alpha(alpha) or 0.0) >= 1
+    return self.code_unit(dtype) if on_grid else None
+
   def __call__(self, x, *, mode: str = "quantize", alpha=1.0, collect: bool = False):
     lam = self.threshold().astype(x.dtype)
     if mode == "quantize":
@@ -412,7 +449,7 @@ class ExpGIF(nnx.Module):
       if collect:
         self.sow(SpikeStats, "spike_count", jnp.sum(jnp.abs(spikes), dtype=jnp.float32))
         self.sow(SpikeStats, "neurons", jnp.asarray(x.size, jnp.float32))
-      return SpikeTrain(spikes, code_scale(lam, self.T, self.K, x.dtype), self.integration)
+      return SpikeTrain(spikes, self.code_unit(x.dtype), self.integration)
     if mode == "stbp":
       raise ValueError("mode='stbp' needs LIF neurons: build the network with paradigm='stbp'.")
     raise ValueError(f"Unknown neuron mode {mode!r}: use 'quantize' or 'spike'.")

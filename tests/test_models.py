@@ -3,6 +3,7 @@
 import functools
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -145,21 +146,63 @@ def test_spike_mode_equals_quantize_mode_float64(variant):
     np.testing.assert_array_equal(jnp.argmax(yq, -1), jnp.argmax(ys, -1))
 
 
-def test_spike_mode_equals_quantize_mode_float32():
-  """In float32 the two summation orders round differently; a neuron sitting within an ulp
-  of a threshold can then take the neighbouring level, and an untrained random network
-  amplifies that one-level change. Most images agree to float rounding, and predictions
-  agree (a trained network is far less sensitive: see tests/test_train.py)."""
-  model = models.create_model("ge2mst_tiny", 10, nnx.Rngs(0))
-  x = jax.random.normal(jax.random.key(1), (32, 32, 32, 3))
-  calibrated(model, x)
-  yq, ys = nnx.jit(lambda m, x: (m(x, mode="quantize"), m(x, mode="spike")))(model, x)
-  rel = jnp.max(jnp.abs(yq - ys), axis=-1) / jnp.max(jnp.abs(yq))
-  agree = float(jnp.mean(jnp.argmax(yq, -1) == jnp.argmax(ys, -1)))
-  print(f"float32 per-image max relative logit difference: median {float(jnp.median(rel)):.2e}, "
-        f"max {float(rel.max()):.2e}; prediction agreement {agree:.3f}")
-  assert float(jnp.median(rel)) < 1e-5 and float(jnp.mean(rel < 1e-5)) >= 0.75
-  assert agree >= 0.9
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_spike_mode_predicts_what_quantize_mode_predicts(dtype):
+  """Random eval-mode ge2mst_tiny networks, 3 seeds x 64 images: spike mode's predictions are
+  quantize mode's, in float32 (all) and in bfloat16 (>= 99.5 %; was ~72-96 % when BatchNorm
+  was folded into bf16 kernels and quantize mode cast its activations to bf16).
+
+  Under both matmul precisions: 'bfloat16' is what accelerators use by default for float32
+  matmuls (one bf16 pass, float32 accumulation); XLA:CPU computes float32 at full precision
+  whatever the setting, so that arithmetic is exercised here by the bf16 network itself (its
+  synapses take bf16 operands and accumulate in float32). An untrained network amplifies a
+  one-level change of a neuron sitting within an ulp of a threshold; agreement is per image.
+  """
+  graphdef = None
+  for precision in ("bfloat16", "highest"):
+    agree, rel = [], []
+    for seed in range(3):
+      model = models.create_model("ge2mst_tiny", 10, nnx.Rngs(seed), dtype=dtype, image_size=16)
+      x = jax.random.normal(jax.random.key(100 + seed), (64, 16, 16, 3))
+      calibrated(model, x)
+      with jax.default_matmul_precision(precision):
+        yq, ys = nnx.jit(lambda m, x: (m(x, mode="quantize"), m(x, mode="spike")))(model, x)
+      assert yq.dtype == ys.dtype == jnp.float32
+      agree.append(np.mean(np.argmax(yq, -1) == np.argmax(ys, -1)))
+      rel.append(np.max(np.abs(yq - ys), axis=-1) / np.max(np.abs(yq)))
+    agreement, rel = float(np.mean(agree)), np.concatenate(rel)
+    print(f"{dtype} @ {precision}: prediction agreement {agreement:.4f}; per-image max relative logit "
+          f"difference median {np.median(rel):.1e}, max {rel.max():.1e}")
+    assert agreement >= (1.0 if dtype == "float32" else 0.995)
+    assert np.median(rel) < 1e-5 and np.mean(rel < 1e-5) >= 0.9
+
+
+def test_bfloat16_synapses_accumulate_in_float32_on_exact_codes():
+  """What makes bf16 agree: both modes hand a bf16 convolution exact integer operands (spike
+  steps; the quantizer's integer codes, scaled once afterwards), accumulate in float32, and
+  apply BatchNorm after the accumulation. The logits layer computes in float32."""
+  # (the grid path is quantize mode at a static alpha = 1; training's traced alpha casts the blend)
+  model = models.create_model("ge2mst_tiny", 10, nnx.Rngs(0), dtype="bfloat16", image_size=16)
+  model.eval()
+  x = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
+  for mode in ("quantize", "spike"):
+    jaxpr = jax.make_jaxpr(lambda x: model(x, mode=mode))(x)
+    convs = [e for e in _equations(jaxpr.jaxpr) if e.primitive.name in ("dot_general", "conv_general_dilated")]
+    bf16 = [e for e in convs if e.invars[0].aval.dtype == jnp.bfloat16]
+    assert all(e.outvars[0].aval.dtype == jnp.float32 for e in convs), mode
+    assert all(e.params["preferred_element_type"] == jnp.float32 for e in bf16), mode
+    # float32 operands: the logits layer and the attention products (integer codes, exact in both)
+    f32 = [e for e in convs if e not in bf16]
+    products = sum(2 * len(m.parts) for _, m in nnx.iter_graph(model) if isinstance(m, attention.SpikingAttention))
+    assert len(f32) == products + 1 and sum(e.outvars[0].aval.shape[-1] == 10 for e in f32) == 1, mode
+  assert model.classifier.dtype == jnp.float32
+
+
+def _equations(jaxpr):
+  for e in jaxpr.eqns:
+    yield e
+    for sub in jax.extend.core.jaxprs_in_params(e.params):
+      yield from _equations(sub)
 
 
 def test_spike_mode_is_multiplication_free(monkeypatch):
@@ -176,11 +219,11 @@ def test_spike_mode_is_multiplication_free(monkeypatch):
 
   conv_call = blocks.SynapticConv.__call__
 
-  def conv_spy(self, x, *, mode="quantize", collect=False):
+  def conv_spy(self, x, *, mode="quantize", **kw):
     if mode == "spike":
       check(x)
       seen["conv"] += 1
-    return conv_call(self, x, mode=mode, collect=collect)
+    return conv_call(self, x, mode=mode, **kw)
 
   einsum = attention.spike_einsum
 

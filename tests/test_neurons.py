@@ -240,3 +240,19 @@ def test_nnx_neuron_modes():
     n(x, mode="ann")
   sym = nr.ExpGIF(T=3, K=3, symmetric=True)
   assert set(np.unique(sym(x, mode="spike").spikes).tolist()) == {-1.0, 0.0, 1.0}
+
+
+def test_grid_codes_recovers_every_code_and_differentiates_as_a_division():
+  """Quantize mode at alpha = 1 feeds synapses `grid_codes(Q(x), lam / Z)`: every code of every
+  level comes back exactly (bf16 operands need exact integers), and its derivative is `q / unit`'s."""
+  for T, K in ((4, 2), (8, 2), (3, 1)):
+    lam = jnp.float32(0.8137)
+    unit = nr.code_scale(lam, T, K)
+    codes = jnp.asarray(nr.expg_levels(T, K).codes, jnp.float32)
+    q = nr.expg_quantize(codes * unit * (1 + 1e-7), lam, T, K)        # the quantizer's own outputs
+    np.testing.assert_array_equal(nr.grid_codes(q, unit), codes)
+    np.testing.assert_array_equal(nr.grid_codes(-q, unit), -codes)
+  q, unit, dq, du = jnp.float32(3 * 0.1), jnp.float32(0.1), jnp.float32(0.5), jnp.float32(0.25)
+  _, tangent = jax.jvp(nr.grid_codes, (q, unit), (dq, du))
+  _, expected = jax.jvp(lambda a, b: a / b, (q, unit), (dq, du))
+  np.testing.assert_allclose(tangent, expected, rtol=1e-6)
