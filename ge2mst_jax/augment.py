@@ -39,13 +39,20 @@ def solarize_add(img, add: int, thresh: int = 128):
   return img.point(lut * len(img.getbands()))
 
 
+def posterize(img, bits: int):
+  """Keeps the `bits` most significant bits of each value. 0 bits (magnitude 10 of the increasing
+  variant) is black, as timm means it; Pillow's own posterize refuses 0 since Pillow 11."""
+  mask = (0xFF << (8 - bits)) & 0xFF if bits < 8 else 0xFF
+  return img.point([i & mask for i in range(256)] * len(img.getbands()))
+
+
 OPS = {
     "AutoContrast": lambda img, _, fill, rs: ImageOps.autocontrast(img),
     "Equalize": lambda img, _, fill, rs: ImageOps.equalize(img),
     "Invert": lambda img, _, fill, rs: ImageOps.invert(img),
     # PIL rotates counter-clockwise about the centre, keeping the size; corners take the fill.
     "Rotate": lambda img, deg, fill, rs: img.rotate(deg, resample=rs, fillcolor=fill),
-    "Posterize": lambda img, bits, fill, rs: img if bits >= 8 else ImageOps.posterize(img, bits),
+    "Posterize": lambda img, bits, fill, rs: posterize(img, bits),
     "Solarize": lambda img, thresh, fill, rs: ImageOps.solarize(img, thresh),
     "SolarizeAdd": lambda img, add, fill, rs: solarize_add(img, add),
     "Color": lambda img, f, fill, rs: ImageEnhance.Color(img).enhance(f),

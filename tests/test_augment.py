@@ -70,6 +70,11 @@ def test_pixel_ops_match_hand_computed_values():
   assert run("SolarizeIncreasing") == [0, 25, 229, 155, 128, 127, 55, 0]          # m9: invert values >= 26
   assert run("SolarizeAdd") == [99, 124, 125, 199, 226, 128, 200, 255]            # m9: +99 below 128, saturating
   assert run("Invert") == [255, 230, 229, 155, 128, 127, 55, 0]
+  ten = lambda name: np.asarray(exact(magnitude=10).apply_op(img, name, np.random.default_rng(0)))[0, :, 0].tolist()
+  assert ten("PosterizeIncreasing") == [0] * 8                                    # m10: no bit kept
+  assert ten("SolarizeIncreasing") == [255, 230, 229, 155, 128, 127, 55, 0]       # m10: threshold 0
+  for bits in range(1, 9):
+    np.testing.assert_array_equal(np.asarray(augment.posterize(img, bits)), np.asarray(ImageOps.posterize(img, bits)))
   assert run("AutoContrast") == [0, 25, 26, 100, 127, 128, 200, 255]             # already spans 0..255
   stretched = Image.fromarray(np.repeat(np.array([[50, 100, 150]], np.uint8)[:, :, None], 3, axis=2))
   # 50..150 stretched to 0..255: 100 -> 2.55 * 100 - 127.5 = 127.5, which PIL's table truncates
@@ -235,3 +240,13 @@ def test_whole_policy_is_uint8_of_the_crop_size_and_a_function_of_the_seed():
   assert all(o.shape == (96, 96, 3) and o.dtype == np.uint8 for o in outs)
   np.testing.assert_array_equal(policy(5), outs[5])
   assert len({o.tobytes() for o in outs}) == 12
+
+
+@pytest.mark.parametrize("increasing", [True, False])
+def test_every_op_runs_at_every_magnitude(increasing):
+  img = photo(32, 40)
+  for m in np.linspace(0, 10, 21):
+    ra = exact(magnitude=float(m), increasing=increasing, interpolation="random")
+    for name in ra.ops:
+      out = ra.apply_op(img, name, np.random.default_rng(0))
+      assert out.size == img.size and out.mode == "RGB", (name, m)
