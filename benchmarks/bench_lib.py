@@ -135,7 +135,8 @@ def record(name: str, rows: list, smoke: bool, out_dir: str, **extra) -> str:
 
 
 def print_table(rows: list, columns: list) -> None:
-  """`columns`: (header, key, format) triples."""
+  """`columns`: (header, key, format) triples; a row without the key (or None) shows '-'."""
   print("  ".join(f"{h:>{max(len(h), 8)}s}" for h, _, _ in columns))
   for r in rows:
-    print("  ".join(f"{format(r[k], fmt):>{max(len(h), 8)}s}" for h, k, fmt in columns))
+    cell = lambda k, fmt: "-" if r.get(k) is None else format(r[k], fmt)
+    print("  ".join(f"{cell(k, fmt):>{max(len(h), 8)}s}" for h, k, fmt in columns))
