@@ -25,6 +25,8 @@ flags.DEFINE_list("sweep_T", [], "Also evaluate at these T (same weights), e.g. 
 flags.DEFINE_list("sweep_K", [], "Also evaluate at these K (with each T of the sweep).")
 flags.DEFINE_integer("energy_images", 64, "Test images whose spikes are counted for SOPs and energy.")
 flags.DEFINE_string("out", None, "Report directory (default: WORKDIR/eval).")
+flags.DEFINE_bool("audit", False, "Also audit spike mode on the energy images: is every synaptic operation driven by "
+                  "spikes, and do SOPs counted from the operands match energy.py's? Exits 1 if not.")
 FLAGS = flags.FLAGS
 
 
@@ -49,7 +51,7 @@ def main(argv):
   ckpt_dir = paths.resolve(FLAGS.checkpoint) if FLAGS.checkpoint else workdir / "checkpoints"
   out = paths.resolve(FLAGS.out) if FLAGS.out else workdir / "eval"
   try:
-    rep = evaluation.evaluate_checkpoint(cfg, ckpt_dir, FLAGS.step, FLAGS.energy_images)
+    rep = evaluation.evaluate_checkpoint(cfg, ckpt_dir, FLAGS.step, FLAGS.energy_images, audit=FLAGS.audit)
     sweep = []
     Ts = [int(t) for t in FLAGS.sweep_T] or ([rep["T"]] if FLAGS.sweep_K else [])
     for T in Ts:
@@ -61,6 +63,13 @@ def main(argv):
   files = evaluation.write_report(rep, out, sweep)
   print(evaluation.markdown_report(rep, sweep).split("## SOPs per stage")[0])
   print(f"report: {files['md']}  json: {files['json']}  plots: {', '.join(files['plots'])}")
+  if FLAGS.audit:
+    from ge2mst_jax import spike_audit
+    result = rep["spike_audit"]
+    print(spike_audit.markdown_table(result))
+    if result["unexpected"] or not result["sops_match"]:
+      sys.exit(f"eval.py: spike audit failed: non-spike synaptic operations in {result['unexpected'] or 'none'}; "
+               f"SOPs {'match' if result['sops_match'] else 'do not match'} energy.py's (see {files['md']}).")
 
 
 if __name__ == "__main__":

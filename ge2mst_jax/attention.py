@@ -2,9 +2,11 @@
 
 SSA has no softmax and no real-valued products: `A = IF(Q K^T 2^-m)`, `O = IF±(A V)`
 with Q, K, V spike-coded by symmetric ExpG-IF neurons. In spike mode each product
-takes two `SpikeTrain`s: their exact integer codes (shift-and-add decodings) are
-multiplied as integers, so the work is additions of shifted values, and the
-result is scaled once by the two presynaptic `lam / Z`.
+takes two `SpikeTrain`s and is computed from their spikes: every step of one against
+every step of the other (binary by binary: accumulates only), integrated with shifts
+and adds, then scaled once by the two presynaptic `lam / Z`. Under
+`spike_integration='code'` the two decoded integer codes are multiplied instead: the
+same integer sum regrouped (T^2 times less work), documented as such.
 
 GW-SSA splits channels into a global part (strided groups `x[i::s, j::s]`) and a
 local part (`s x s` windows); both groupings are reshapes + one transpose, and the
@@ -20,7 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ge2mst_jax.blocks import SConv, SynapticConv, grid_unit, make_neuron
-from ge2mst_jax.neurons import SpikeTrain, grid_codes, static_alpha
+from ge2mst_jax.neurons import SpikeTrain, grid_codes, static_alpha, weighted_step_sum
 from ge2mst_jax.spike_stats import SpikeStats
 
 GROUPINGS = ("global", "local")
@@ -83,12 +85,22 @@ def spike_einsum(spec: str, a: SpikeTrain, b: SpikeTrain, *, sow_to: nnx.Module 
                  name: str = "matmul") -> jax.Array:
   """`einsum(spec, decode(a), decode(b))` computed from the spikes alone.
 
-  Integer codes are exact in float32 while a sum stays below 2^24 (T=4: 225 per pair,
-  so over 70 000 terms). SOPs: each pair of non-zero spikes meeting in the product is
-  one accumulate (of a shifted threshold), i.e. `einsum(spec, n_a, n_b)` summed, where
-  `n` counts the spikes of an element over the T steps.
+  'steps' integration (default): `sum_t sum_u 2^(T-t) 2^(T-u) einsum(a_t, b_u)`, each term a
+  product of two binary (ternary) steps, i.e. accumulates of spike pairs; Horner's rule over
+  `u` keeps T partial products alive, not T^2. 'code': `einsum(code(a), code(b))`, the same
+  integer sum regrouped. Either is exact in float32 while a sum stays below 2^24 (T=4: 225
+  per pair, so over 70 000 terms), so the two give the same bits. SOPs: each pair of non-zero
+  spikes meeting in the product is one accumulate, i.e. `einsum(spec, n_a, n_b)` summed,
+  where `n` counts the spikes of an element over the T steps.
   """
-  out = jnp.einsum(spec, a.code(), b.code()) * (a.scale * b.scale).astype(a.spikes.dtype)
+  if a.integration == "code" or b.integration == "code":
+    codes = jnp.einsum(spec, a.code(), b.code())
+  else:
+    codes = None
+    for b_u in b.spikes:   # every step of `a` against step u of `b`, integrated over a's steps
+      term = weighted_step_sum(jax.vmap(lambda a_t, b_u=b_u: jnp.einsum(spec, a_t, b_u))(a.spikes))
+      codes = term if codes is None else codes * 2 + term
+  out = codes * (a.scale * b.scale).astype(a.spikes.dtype)
   if sow_to is not None:
     count = lambda t: jnp.sum(jnp.abs(t.spikes), axis=0, dtype=jnp.float32)
     sow_to.sow(SpikeStats, f"{name}_sops", jnp.sum(jnp.einsum(spec, count(a), count(b))))
@@ -117,6 +129,11 @@ def _grid_einsum_jvp(spec, primals, tangents):
 
 
 def _product(spec, a, b, mode, owner, name, collect, scales=None):
+  with jax.named_scope(f"{owner.scope}.{name}"):   # the name energy reports give the product
+    return _product_in_scope(spec, a, b, mode, owner, name, collect, scales)
+
+
+def _product_in_scope(spec, a, b, mode, owner, name, collect, scales):
   if mode == "spike":
     out = spike_einsum(spec, a, b, sow_to=owner if collect else None, name=name)
     contracted = a.spikes.shape[-1]
@@ -149,6 +166,7 @@ class SpikingAttention(nnx.Module):
   def __init__(self, dim: int, heads: int, stride: int | None = None, global_frac: float = 0.5,
                scale_log2: int | None = None, *, neuron: dict, dtype=jnp.float32, rngs: nnx.Rngs):
     self.dim, self.heads, self.stride = dim, heads, stride
+    self.scope = "attention"   # its path once in a network (`blocks.name_layers`)
     if stride is None:
       self.parts = ((None, dim),)
     else:

@@ -36,6 +36,15 @@ def make_neuron(paradigm: str = "expg", lif: dict | None = None, **expg):
   raise ValueError(f"Unknown paradigm {paradigm!r}: use one of {PARADIGMS}.")
 
 
+def name_layers(network: nnx.Module, kinds: tuple) -> None:
+  """Gives every module of `kinds` in `network` its path ('stages.2.1.attn.q.conv', the name
+  energy reports use) as the `jax.named_scope` of its operations: traced programs, profiles and
+  the spike audit then say which layer an operation belongs to."""
+  for path, module in nnx.iter_graph(network):
+    if isinstance(module, kinds):
+      module.scope = ".".join(map(str, path))
+
+
 def grid_unit(neuron, mode: str, alpha, dtype):
   """`ExpGIF.grid_unit` of the neuron feeding a synaptic layer; None for other neurons (LIF)."""
   return neuron.grid_unit(mode, alpha, dtype) if isinstance(neuron, ExpGIF) else None
@@ -123,6 +132,7 @@ class SynapticConv(nnx.Module):
     self.kernel = nnx.Param(_kernel_init(rngs.params(), (kernel, kernel, cin // groups, cout)))
     self.bias = nnx.Param(jnp.zeros((cout,))) if bias else None
     self.bn = nnx.BatchNorm(cout, momentum=0.9, epsilon=1e-5, rngs=rngs) if bn else None
+    self.scope = "synaptic"   # its path once in a network (`name_layers`): the jaxpr names the layer
 
   def _macs(self, out_shape) -> float:
     k, _, cin_g, _ = self.kernel.shape
@@ -132,6 +142,10 @@ class SynapticConv(nnx.Module):
     """`unit`: in quantize mode, the grid unit of a neuron output `x` lying on its grid
     (`ExpGIF.grid_unit`): the layer then runs on the integer codes and scales once, the
     arithmetic of spike mode, so that both modes agree in bf16 too."""
+    with jax.named_scope(self.scope):
+      return self._forward(x, mode, collect, unit)
+
+  def _forward(self, x, mode, collect, unit):
     if mode == "stbp":
       T = x.shape[0]
       y = self(x.reshape(-1, *x.shape[2:]), mode="quantize", collect=collect)

@@ -14,6 +14,7 @@ from ge2mst_jax import energy
 from ge2mst_jax import models
 from ge2mst_jax import paths
 from ge2mst_jax import sharding as shd
+from ge2mst_jax import spike_audit
 from ge2mst_jax import train_state
 from ge2mst_jax.evaluators import evaluate
 from ge2mst_jax.attention import SpikingAttention
@@ -61,7 +62,9 @@ def ungrouped_bound(rep: dict, model) -> dict[str, float]:
 
 
 def evaluate_checkpoint(cfg, checkpoint_dir: str, step: int | None = None, energy_images: int = 64,
-                        T: int | None = None, K: int | None = None) -> dict[str, Any]:
+                        T: int | None = None, K: int | None = None, audit: bool = False) -> dict[str, Any]:
+  """Accuracy in every mode over the test split, and the energy report on `energy_images` test
+  images; `audit`: also the spike-driven audit (`spike_audit.py`) of spike mode on those images."""
   cfg = _with_arch(cfg, T=T, K=K)
   setup, state, step = restore_for_eval(cfg, checkpoint_dir, step)
   arch = models.arch_from_config(cfg)
@@ -70,6 +73,8 @@ def evaluate_checkpoint(cfg, checkpoint_dir: str, step: int | None = None, energ
   model.eval()
   images = _energy_batch(cfg, energy_images)
   rep = energy.energy_report(model, images)
+  if audit:
+    rep["spike_audit"] = spike_audit.audit(model, images)
   return {
       "step": step, "checkpoint": str(paths.resolve(checkpoint_dir)), "T": arch.T, "K": arch.K,
       "paradigm": arch.paradigm, "params": models.count_params(model), "energy_images": int(len(images)),
@@ -175,6 +180,8 @@ def markdown_report(rep: dict, sweep: list[dict] | None = None) -> str:
     lines += [f"| {r['T']} | {r['K']} | {pct(r['accuracy_quantize'])} | {pct(r['accuracy_spike'])} | "
               f"{pct(r['prediction_agreement'])} | {r['sops_per_image'] / 1e6:,.3f} | {r['energy_mj_per_image']:.5f} |"
               for r in sweep]
+  if "spike_audit" in rep:
+    lines += ["", "## Spike audit", "", spike_audit.markdown_table(rep["spike_audit"])]
   lines += ["", "![SOPs](sops.png)", "", "![firing rates](firing_rates.png)", ""]
   return "\n".join(lines)
 

@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ge2mst_jax.attention import AttentionBlock, check_divisible
-from ge2mst_jax.blocks import PARADIGMS, SFFN, EventFrameAdapter, SConv, Stem, SynapticConv, make_neuron
+from ge2mst_jax.attention import AttentionBlock, SpikingAttention, check_divisible
+from ge2mst_jax.blocks import PARADIGMS, SFFN, EventFrameAdapter, SConv, Stem, SynapticConv, make_neuron, name_layers
 from ge2mst_jax.neurons import INTEGRATIONS, METHODS, check_tk
 from ge2mst_jax.stbp import RESETS, SURROGATES
 
@@ -175,6 +175,7 @@ class Ge2msT(nnx.Module):
     # would flip close logits between the two modes.
     self.classifier = SynapticConv(c4, num_classes, 1, bn=False, bias=True, dtype=jnp.promote_types(dt, jnp.float32),
                                    rngs=rngs)
+    name_layers(self, (SynapticConv, SpikingAttention))
 
   def check_input(self, images) -> None:
     """One-line errors for images that do not fit this network (raised before any compile)."""

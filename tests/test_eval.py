@@ -33,7 +33,7 @@ def trained(tmp_path_factory):
 
 def test_report_has_every_key_and_matches_training(trained, tmp_path):
   cfg, workdir, out = trained
-  rep = evaluation.evaluate_checkpoint(cfg, os.path.join(workdir, "checkpoints"), energy_images=16)
+  rep = evaluation.evaluate_checkpoint(cfg, os.path.join(workdir, "checkpoints"), energy_images=16, audit=True)
   sweep = [evaluation.evaluate_checkpoint(cfg, os.path.join(workdir, "checkpoints"), energy_images=16, T=2, K=1)]
   files = evaluation.write_report(rep, str(tmp_path), sweep)
   with open(files["json"]) as f:
@@ -53,6 +53,11 @@ def test_report_has_every_key_and_matches_training(trained, tmp_path):
     with open(plot, "rb") as f:
       assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   assert "accuracy, spike mode" in open(files["md"]).read()
+  # eval.py --audit on the trained checkpoint: spike-driven everywhere but the stem, SOPs as counted
+  audit = js["spike_audit"]
+  assert audit["unexpected"] == [] and audit["expected_exceptions"] == ["stem.conv"] and audit["sops_match"]
+  assert audit["audit_sops_per_image"] == pytest.approx(js["sops_per_image"], rel=1e-6)
+  assert "## Spike audit" in open(files["md"]).read()
 
 
 def test_load_export_round_trip_gives_identical_logits(trained, tmp_path):
