@@ -18,7 +18,8 @@ ROW_KEYS = {
                   "memory_vs_T1", "sops_per_image", "mean_firing_rate"},
     "inference": {"model", "T", "K", "quantize_s", "spike_s", "spike_over_quantize", "spike_code_s",
                   "spike_code_over_quantize", "code_vs_steps_max_abs_logit_diff", "sops_per_image",
-                  "flops_per_image", "sops_over_flops"},
+                  "flops_per_image", "sops_over_flops", "evaluator_images_per_s", "forwards_images_per_s",
+                  "evaluator_over_forwards"},
     "input_pipeline": {"stage", "batch", "images_per_s", "vs_train_step"},
 }
 
