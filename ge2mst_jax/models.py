@@ -214,7 +214,7 @@ class Ge2msT(nnx.Module):
     if (mode == "stbp") != (self.cfg.paradigm == "stbp"):
       raise ValueError(f"A {self.cfg.paradigm!r} network runs in mode(s) {self.cfg.eval_modes}, not {mode!r}.")
     if mode == "spike" and self.training:
-      raise ValueError("Spike mode is inference (BatchNorm folded in from its running statistics) but the model is "
+      raise ValueError("Spike mode is inference (BatchNorm on its running statistics) but the model is "
                        "in training mode, where quantize mode uses batch statistics: call model.eval() first.")
     self.check_input(images)
     kw = dict(mode=mode, alpha=alpha, collect=collect)

@@ -92,7 +92,7 @@ def test_every_static_alpha_of_one_takes_the_exact_grid_product(alpha, monkeypat
 
 
 def test_spike_mode_refuses_a_model_in_training_mode():
-  # Spike mode folds BatchNorm's running statistics in; quantize mode in training mode uses the
+  # Spike mode uses BatchNorm's running statistics; quantize mode in training mode uses the
   # batch's, so on a model fresh from create_model the two would silently disagree.
   model = models.create_model("ge2mst_tiny", 10, image_size=16)
   x = jnp.zeros((1, 16, 16, 3))
