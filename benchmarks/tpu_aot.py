@@ -213,7 +213,21 @@ def probe(model: str, topology: str, global_batch: int, dtype: str, fsdp: int, s
     lowered = fn.lower(*args)
     lower_s = time.perf_counter() - t
     t = time.perf_counter()
-    compiled = lowered.compile()
+    try:
+      compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as e:
+      # The compiler refuses a program whose buffers exceed the chip's HBM: that is a result
+      # (the step does not fit at this batch), recorded with the compiler's own figures.
+      if "RESOURCE_EXHAUSTED" not in str(e):
+        raise
+      message = str(e).strip().splitlines()[0]
+      needed = re.search(r"required for HLO temporaries \(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)", message)
+      rows.append({**base, "step": step, "fits_hbm": False, "error": message,
+                   "compiler_temp_gib": float(needed.group(1)) if needed else None,
+                   "compiler_available_gib": float(needed.group(2)) if needed else None,
+                   "lower_s": lower_s, "compile_s": time.perf_counter() - t})
+      print(f"{step}: does not fit: {message}", flush=True)
+      continue
     compile_s = time.perf_counter() - t
     row, text = analyse(compiled, global_batch // n, CHIP_SPECS[gen])
     row = {**base, "step": step, **row, "lower_s": lower_s, "compile_s": compile_s}
