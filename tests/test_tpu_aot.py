@@ -1,0 +1,77 @@
+"""The TPU compile probe (benchmarks/tpu_aot.py) on a tiny model, where libtpu is installed.
+
+libtpu is an optional extra (`pip install -e ".[tpu]"`), not installed in CI: there the test is
+skipped, with the reason. The probe runs in its own process, because it needs JAX started with
+libtpu's environment (TPU_ACCELERATOR_TYPE, ...), while this test session's JAX runs on 8
+simulated CPU devices (conftest.py). Which Python runs it: `GE2MST_TPU_PYTHON` when set (e.g. a
+separate virtual environment with the extra: GE2MST_TPU_PYTHON=/path/to/venv/bin/python), else
+the test's own interpreter when libtpu is importable there. Deciding this starts no JAX backend.
+"""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.test_train import ROOT
+
+ENV_VAR = "GE2MST_TPU_PYTHON"
+ROW_KEYS = {"model", "topology", "dtype", "global_batch", "fsdp", "step", "peak_bytes_per_chip", "hbm_fraction",
+            "flops_per_image", "hbm_bytes_per_image", "roofline_images_per_s_per_chip", "compile_s",
+            "n_all_reduce", "n_all_gather", "n_reduce_scatter", "n_collective_permute", "n_all_to_all"}
+
+
+def tpu_python() -> tuple[str | None, str]:
+  """(interpreter with libtpu, '') or (None, why not)."""
+  exe = os.environ.get(ENV_VAR)
+  if exe:
+    if not os.access(exe, os.X_OK):
+      return None, f"{ENV_VAR}={exe} is not an executable"
+    has = subprocess.run([exe, "-c", "import importlib.util, sys; sys.exit(importlib.util.find_spec('libtpu') is None)"],
+                         capture_output=True, timeout=60).returncode == 0
+    return (exe, "") if has else (None, f"libtpu is not importable by {ENV_VAR}={exe}")
+  if importlib.util.find_spec("libtpu") is not None:
+    return sys.executable, ""
+  return None, (f'libtpu is not installed (pip install -e ".[tpu]", or set {ENV_VAR} to a Python that has it): '
+                "the TPU compile probe cannot run")
+
+
+@pytest.mark.slow
+def test_tpu_aot_probe_compiles_tiny_model_for_v5e(tmp_path):
+  exe, why = tpu_python()
+  if exe is None:
+    pytest.skip(why)
+  # The probe sets its own platform and libtpu variables; drop the test session's CPU-only ones.
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("JAX_PLATFORMS", "XLA_FLAGS", "JAX_COMPILATION_CACHE_DIR") and not k.startswith("TPU_")}
+  r = subprocess.run([exe, os.path.join(ROOT, "benchmarks", "tpu_aot.py"), "--smoke", "--topology", "v5e:2x2",
+                      "--out", str(tmp_path), "--hlo_dir", str(tmp_path / "hlo")],
+                     capture_output=True, text=True, timeout=1200, cwd=ROOT, env=env)
+  assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+  res = json.load(open(tmp_path / "tpu_aot_smoke.json"))
+  assert res["smoke"] is True and res["compiler"].startswith("libtpu")
+  rows = {row["step"]: row for row in res["rows"]}
+  assert set(rows) == {"train", "forward_quantize", "forward_spike"}
+  for step, row in rows.items():
+    assert ROW_KEYS <= set(row), step
+    assert row["model"] == "ge2mst_tiny" and row["topology"] == "v5e:2x2" and row["chips"] == 4
+    assert 0 < row["peak_bytes_per_chip"] < 16e9 and row["flops_per_image"] > 0 and row["hbm_bytes_per_image"] > 0
+    assert row["roofline_images_per_s_per_chip"] > 0
+    assert os.path.getsize(row["hlo_file"]) > 0
+  # Data parallelism over 4 chips: the gradients are summed across chips; evaluation needs no
+  # reduction of parameters. A forward pass does fewer FLOPs than forward + backward.
+  assert rows["train"]["n_all_reduce"] + rows["train"]["n_reduce_scatter"] >= 1
+  assert rows["forward_quantize"]["flops_per_image"] < rows["train"]["flops_per_image"]
+
+
+def test_unknown_topology_is_one_clear_line():
+  """Checked before JAX or libtpu start: runs anywhere, in a moment."""
+  for topology, message in (("v4:2x2x1", "error: unknown TPU generation in --topology='v4:2x2x1': use one of "
+                                         "v5e:2x2, v5p:2x2x1, v6e:2x2."),
+                            ("v5p:2x2", "error: --topology='v5p:2x2': v5p topologies have 3 dimensions, "
+                                        "e.g. v5p:2x2x1.")):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "tpu_aot.py"), "--topology", topology],
+                       capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert r.returncode == 1 and r.stderr.strip() == message, r.stderr
