@@ -75,4 +75,7 @@ def base_config(model: str, *, dataset: str, num_classes: int, image_size: int, 
   c.watchdog_secs = 1800.0      # exit (status 75) when no step or eval batch completes for this long; 0: off
   c.preempted_exit_code = 0     # exit status after a preemption save (e.g. 143 where the scheduler restarts only failures)
   c.compile_cache_dir = ""      # persistent XLA cache: "" = ~/.cache/ge2mst_jax/xla, "off" = none
+  # A jax.profiler trace of `steps` train steps (0: off), `after` steps into the run, written to
+  # WORKDIR/profile/host_N (ge2mst_jax/profiling.py; TensorBoard's profile plugin reads it).
+  c.profile = ml_collections.ConfigDict(dict(steps=0, after=10))
   return c

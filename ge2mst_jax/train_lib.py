@@ -22,6 +22,7 @@ from ge2mst_jax import checkpoint as ckpt_lib
 from ge2mst_jax import data as data_lib
 from ge2mst_jax import mixing
 from ge2mst_jax import paths
+from ge2mst_jax import profiling
 from ge2mst_jax import saved_config
 from ge2mst_jax import sharding as shd
 from ge2mst_jax.errors import NonFiniteError, Preempted
@@ -108,6 +109,7 @@ def validate_config(cfg, mesh) -> None:
   if arch.event_frames != cfg.data.get("event_frames", 0):
     raise ValueError(f"model.arch.event_frames={arch.event_frames} differs from data.event_frames="
                      f"{cfg.data.get('event_frames', 0)}: set both to the number of event frames.")
+  profiling.check(cfg)
   data_lib.check_data(cfg.data)
 
 
@@ -158,10 +160,13 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir, quiet: bool = Fa
     # ---- The loop.
     preemption = stack.enter_context(PreemptionCheck())
     watchdog = stack.enter_context(Watchdog(cfg.watchdog_secs))
+    trace = stack.enter_context(profiling.StepTrace(cfg, wd, start + 1, writer.log))
     t0, seen, last_log = time.time(), 0, start
     for step in range(start + 1, cfg.total_steps + 1):
       batch = shd.global_batch(next(train_iter), mesh)
+      trace.before(step)
       state, metrics = train_step(state, batch)
+      trace.after(step, metrics)
       records += local_bs
       seen += cfg.batch_size
       watchdog.beat(step)

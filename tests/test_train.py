@@ -185,3 +185,13 @@ def test_tfds_imagenet_pipeline_shapes_on_mock_data():
   assert b["image"].shape == (8, 224, 224, 3) and e["image"].shape == (8, 224, 224, 3)
   assert b["label"].max() < 1000 and e["mask"].all()
   assert np.isfinite(b["image"]).all() and abs(float(b["image"].mean())) < 3
+
+
+def test_a_profile_of_two_steps_lands_in_the_work_directory_per_host(tmp_path):
+  cfg = small_digits(8, eval_modes=("quantize",), **{"profile.after": 2, "profile.steps": 2})
+  out = train_lib.train_and_evaluate(cfg, str(tmp_path), quiet=True)
+  traces = list((tmp_path / "profile" / "host_0" / "plugins" / "profile").glob("*/*.xplane.pb"))
+  assert len(traces) == 1 and traces[0].stat().st_size > 0 and out["examples"] == 360
+  assert len(read_metrics(tmp_path)) == 8
+  with pytest.raises(ValueError, match=r"profile.steps=-1 .* must be >= 0"):
+    train_lib.train_and_evaluate(small_digits(8, **{"profile.steps": -1}), str(tmp_path / "bad"), quiet=True)
