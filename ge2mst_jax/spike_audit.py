@@ -114,6 +114,9 @@ def _contains_synaptic(eqn) -> bool:
 def audit(model: nnx.Module, images) -> dict[str, Any]:
   """The spike-driven audit of `model(images, mode='spike')` (BatchNorm on running statistics;
   the caller's model is left as it was). Returns per-layer rows, totals, exceptions."""
+  if model.cfg.paradigm != "expg":
+    raise ValueError(f"The spike audit checks ExpG-IF spike mode; this is a {model.cfg.paradigm!r} network, whose "
+                     f"LIF layers are spiking in training already: evaluate it with mode='stbp'.")
   model = energy._in_eval_mode(model)
   arch = model.cfg
   graphdef, state = nnx.split(model)

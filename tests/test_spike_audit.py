@@ -50,3 +50,9 @@ def test_products_of_integer_codes_are_caught(monkeypatch):
   result = _audit()
   assert sorted(result["unexpected"]) == sorted(r["layer"] for r in result["layers"] if r["layer"].endswith((".qk", ".av")))
   assert len(result["unexpected"]) == 6
+
+
+def test_an_stbp_network_is_a_clear_error():
+  model = models.create_model("ge2mst_tiny", 10, nnx.Rngs(0), image_size=16, paradigm="stbp", T=2)
+  with pytest.raises(ValueError, match="spike audit checks ExpG-IF spike mode; this is a 'stbp' network"):
+    spike_audit.audit(model, IMAGES)
