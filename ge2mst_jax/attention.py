@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ge2mst_jax.blocks import SConv, SynapticConv, grid_unit, make_neuron
-from ge2mst_jax.neurons import SpikeTrain, grid_codes, static_alpha, weighted_step_sum
+from ge2mst_jax.neurons import SpikeTrain, grid_codes, weighted_step_sum
 from ge2mst_jax.spike_stats import SpikeStats
 
 GROUPINGS = ("global", "local")

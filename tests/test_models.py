@@ -158,7 +158,6 @@ def test_spike_mode_predicts_what_quantize_mode_predicts(dtype):
   synapses take bf16 operands and accumulate in float32). An untrained network amplifies a
   one-level change of a neuron sitting within an ulp of a threshold; agreement is per image.
   """
-  graphdef = None
   for precision in ("bfloat16", "highest"):
     agree, rel = [], []
     for seed in range(3):

@@ -1,6 +1,5 @@
 """The spike-driven audit: spike mode's program, evaluated on real inputs, op by op."""
 import jax
-import numpy as np
 import pytest
 from flax import nnx
 
