@@ -130,18 +130,14 @@ def _grid_einsum_jvp(spec, primals, tangents):
 
 def _product(spec, a, b, mode, owner, name, collect, scales=None):
   with jax.named_scope(f"{owner.scope}.{name}"):   # the name energy reports give the product
-    return _product_in_scope(spec, a, b, mode, owner, name, collect, scales)
-
-
-def _product_in_scope(spec, a, b, mode, owner, name, collect, scales):
-  if mode == "spike":
-    out = spike_einsum(spec, a, b, sow_to=owner if collect else None, name=name)
-    contracted = a.spikes.shape[-1]
-  else:
-    out = jnp.einsum(spec, a, b) if scales is None else grid_einsum(spec, a, b, *scales)
-    contracted = a.shape[-1]
-    if mode == "stbp" and collect:  # binary spikes of one step meet: one accumulate per pair
-      owner.sow(SpikeStats, f"{name}_sops", jnp.sum(jnp.einsum(spec, jnp.abs(a), jnp.abs(b))))
+    if mode == "spike":
+      out = spike_einsum(spec, a, b, sow_to=owner if collect else None, name=name)
+      contracted = a.spikes.shape[-1]
+    else:
+      out = jnp.einsum(spec, a, b) if scales is None else grid_einsum(spec, a, b, *scales)
+      contracted = a.shape[-1]
+      if mode == "stbp" and collect:  # binary spikes of one step meet: one accumulate per pair
+        owner.sow(SpikeStats, f"{name}_sops", jnp.sum(jnp.einsum(spec, jnp.abs(a), jnp.abs(b))))
   if collect:  # dense MACs per image (and per step in stbp): every output sums `contracted` products
     per_image = out.shape[0] * (out.shape[1] if mode == "stbp" else 1)
     owner.sow(SpikeStats, f"{name}_macs", jnp.asarray(out.size // per_image * contracted, jnp.float32))

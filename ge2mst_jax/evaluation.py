@@ -74,7 +74,7 @@ def evaluate_checkpoint(cfg, checkpoint_dir: str, step: int | None = None, energ
   images = _energy_batch(cfg, energy_images)
   rep = energy.energy_report(model, images)
   if audit:
-    rep["spike_audit"] = spike_audit.audit(model, images)
+    rep["spike_audit"] = spike_audit.audit(model, images, energy_sops=rep["sops_per_layer"])
   return {
       "step": step, "checkpoint": str(paths.resolve(checkpoint_dir)), "T": arch.T, "K": arch.K,
       "paradigm": arch.paradigm, "params": models.count_params(model), "energy_images": int(len(images)),

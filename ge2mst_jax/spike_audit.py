@@ -111,9 +111,12 @@ def _contains_synaptic(eqn) -> bool:
   return False
 
 
-def audit(model: nnx.Module, images) -> dict[str, Any]:
+def audit(model: nnx.Module, images, energy_sops: dict | None = None) -> dict[str, Any]:
   """The spike-driven audit of `model(images, mode='spike')` (BatchNorm on running statistics;
-  the caller's model is left as it was). Returns per-layer rows, totals, exceptions."""
+  the caller's model is left as it was). Returns per-layer rows, totals, exceptions.
+
+  `energy_sops`: `energy_report(model, images)['sops_per_layer']` when the caller already has it
+  (eval.py does): the instrumented spike pass is then not run a second time."""
   if model.cfg.paradigm != "expg":
     raise ValueError(f"The spike audit checks ExpG-IF spike mode; this is a {model.cfg.paradigm!r} network, whose "
                      f"LIF layers are spiking in training already: evaluate it with mode='stbp'.")
@@ -136,8 +139,10 @@ def audit(model: nnx.Module, images) -> dict[str, Any]:
   for r, (spike_a, spike_b, acc) in zip(interp.records, values):
     r.update(spike_operands=int(spike_a) + int(spike_b), accumulates=float(acc))
   batch = images.shape[0]
-  _, flat = energy.instrumented_forward(model, images, mode="spike")
-  sops = energy.summarize(jax.device_get(flat), None, batch, arch.T)["sops_per_layer"]
+  if energy_sops is None:
+    _, flat = energy.instrumented_forward(model, images, mode="spike")
+    energy_sops = energy.summarize(jax.device_get(flat), None, batch, arch.T)["sops_per_layer"]
+  sops = energy_sops
   rows = collections.OrderedDict()
   for r in interp.records:
     row = rows.setdefault(r["layer"], {"layer": r["layer"], "ops": 0, "spike_driven_ops": 0, "both_spikes": 0,
