@@ -123,13 +123,14 @@ def topology_devices(topology: str) -> list:
   return list(desc.devices)
 
 
-def make_config(model: str, global_batch: int, dtype: str, fsdp: int, image_size: int | None):
+def make_config(model: str, global_batch: int, dtype: str, fsdp: int, image_size: int | None, remat: str = "none"):
   """configs/imagenet2012's recipe for `model` (what train.py runs on ImageNet) at the model's own
-  image size unless `image_size` is given."""
+  image size unless `image_size` is given. Depthwise convolutions are grouped convolutions, as
+  `depthwise='auto'` builds them on a TPU host (this process's JAX backend is the CPU)."""
   size = image_size or models.arch_config(model).image_size
   cfg = imagenet2012.get_config(f"{model.removeprefix('ge2mst_')},batch={global_batch}")
   cfg.model.name = model
-  cfg.model.arch = config_common.arch_dict(model, image_size=size, dtype=dtype)
+  cfg.model.arch = config_common.arch_dict(model, image_size=size, dtype=dtype, depthwise="conv", remat=remat)
   cfg.data.image_size = size
   cfg.eval_batch_size = global_batch
   cfg.mesh.fsdp = fsdp
@@ -175,7 +176,7 @@ def analyse(compiled, per_chip_batch: int, chip: dict) -> tuple[dict, str]:
 
 
 def probe(model: str, topology: str, global_batch: int, dtype: str, fsdp: int, steps=STEPS,
-          image_size: int | None = None, hlo_dir: str | None = None) -> list[dict]:
+          image_size: int | None = None, hlo_dir: str | None = None, remat: str = "none") -> list[dict]:
   """Compiles `steps` for `topology` and returns one row per step."""
   gen, _ = parse_topology(topology)
   devices = topology_devices(topology)
@@ -188,7 +189,7 @@ def probe(model: str, topology: str, global_batch: int, dtype: str, fsdp: int, s
   if fsdp < 1 or n % fsdp:
     raise SystemExit(f"error: --fsdp={fsdp} does not divide the {n} chips of {topology}: choose a divisor of {n}.")
   mesh = shd.make_mesh(fsdp, devices=devices)   # the project's (data, fsdp) mesh over the abstract chips
-  cfg = make_config(model, global_batch, dtype, fsdp, image_size)
+  cfg = make_config(model, global_batch, dtype, fsdp, image_size, remat)
   # (not train_lib.validate_config: it checks that the data set is prepared, which the steps never read)
   setup = train_state.abstract_train_state(cfg, mesh)   # shapes only: nothing initialised
   state = abstract(setup.abstract, setup.shardings)
@@ -196,7 +197,7 @@ def probe(model: str, topology: str, global_batch: int, dtype: str, fsdp: int, s
   image = jax.ShapeDtypeStruct((global_batch, size, size, 3), np.float32, sharding=shd.batch_sharding(mesh, 4))
   labels = jax.ShapeDtypeStruct((global_batch,), np.int32, sharding=shd.batch_sharding(mesh, 1))
   base = {"model": model, "topology": topology, "chips": n, "dtype": dtype, "global_batch": global_batch,
-          "per_chip_batch": global_batch // n, "fsdp": fsdp, "image_size": size,
+          "per_chip_batch": global_batch // n, "fsdp": fsdp, "image_size": size, "remat": remat,
           "params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(nnx.state(setup.abstract, nnx.Param))))}
   rows = []
   for step in steps:
@@ -252,6 +253,8 @@ def main(argv=None):
   p.add_argument("--fsdp", type=int, default=1, help="size of the mesh's fsdp axis (-1: all chips)")
   p.add_argument("--steps", default=",".join(STEPS), help="which of " + ",".join(STEPS))
   p.add_argument("--image_size", type=int, default=None, help="default: the model's own")
+  p.add_argument("--remat", default="none", choices=list(models.REMATS),
+                 help="the model's remat option: 'block' keeps only synaptic sums and BatchNorm statistics")
   p.add_argument("--hlo_dir", default=None, help="also write each compiled program's HLO text here")
   a = p.parse_args(argv)
   for k, v in tpu_environment(a.topology).items():   # main() called from Python: before JAX starts, if not yet
@@ -265,7 +268,7 @@ def main(argv=None):
     import libtpu  # noqa: F401
   except ImportError:
     raise SystemExit('error: libtpu is not installed: pip install -e ".[tpu]" (the TPU compiler; no TPU needed).')
-  rows = probe(a.model, a.topology, a.global_batch, a.dtype, a.fsdp, steps, a.image_size, a.hlo_dir)
+  rows = probe(a.model, a.topology, a.global_batch, a.dtype, a.fsdp, steps, a.image_size, a.hlo_dir, a.remat)
   bench_lib.print_table(rows, [("step", "step", "s"), ("topology", "topology", "s"), ("batch", "global_batch", "d"),
                                ("fsdp", "fsdp", "d"), ("GB/chip", "peak_gb_per_chip", ".2f"),
                                ("of HBM", "hbm_fraction", ".0%"), ("GFLOP/img", "gflops_per_image", ".2f"),
@@ -274,7 +277,8 @@ def main(argv=None):
                                ("all-red", "n_all_reduce", "d"), ("all-gath", "n_all_gather", "d"),
                                ("red-scat", "n_reduce_scatter", "d"), ("coll-perm", "n_collective_permute", "d"),
                                ("all-to-all", "n_all_to_all", "d"), ("compile s", "compile_s", ".1f")])
-  name = "tpu_aot" if a.smoke else f"tpu_aot_{a.model}_{a.topology.replace(':', '-')}_{a.dtype}_b{a.global_batch}_fsdp{rows[0]['fsdp']}"
+  remat = "" if a.remat == "none" else f"_remat-{a.remat}"
+  name = "tpu_aot" if a.smoke else f"tpu_aot_{a.model}_{a.topology.replace(':', '-')}_{a.dtype}_b{a.global_batch}_fsdp{rows[0]['fsdp']}{remat}"
   path = bench_lib.record(name, rows, a.smoke, a.out, compiler="libtpu " + _libtpu_version(),
                           chip_specs=CHIP_SPECS, chip_specs_source="Google Cloud TPU docs: tpu/docs/v5e, v5p, v6e",
                           roofline="min(peak_flops / flops_per_image, hbm_bandwidth / hbm_bytes_per_image)")

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ge2mst_jax.blocks import SConv, SynapticConv, grid_unit, make_neuron
+from ge2mst_jax.blocks import Compute, SConv, SynapticConv, grid_unit, make_neuron
 from ge2mst_jax.neurons import SpikeTrain, grid_codes, weighted_step_sum
 from ge2mst_jax.spike_stats import SpikeStats
 
@@ -81,6 +81,13 @@ def split_heads(x: jax.Array, heads: int) -> jax.Array:
 # ----------------------------------------------------------------------------
 # Products of spike-coded operands
 # ----------------------------------------------------------------------------
+def exact_einsum(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+  """`einsum` accumulated and returned in at least float32: a product of integer codes (or
+  spikes) is then an exact integer sum whatever the operands' dtype (bf16 holds integers only
+  up to 256)."""
+  return jnp.einsum(spec, a, b, preferred_element_type=jnp.promote_types(a.dtype, jnp.float32))
+
+
 def spike_einsum(spec: str, a: SpikeTrain, b: SpikeTrain, *, sow_to: nnx.Module | None = None,
                  name: str = "matmul") -> jax.Array:
   """`einsum(spec, decode(a), decode(b))` computed from the spikes alone.
@@ -94,13 +101,13 @@ def spike_einsum(spec: str, a: SpikeTrain, b: SpikeTrain, *, sow_to: nnx.Module 
   where `n` counts the spikes of an element over the T steps.
   """
   if a.integration == "code" or b.integration == "code":
-    codes = jnp.einsum(spec, a.code(), b.code())
+    codes = exact_einsum(spec, a.code(), b.code())
   else:
     codes = None
     for b_u in b.spikes:   # every step of `a` against step u of `b`, integrated over a's steps
-      term = weighted_step_sum(jax.vmap(lambda a_t, b_u=b_u: jnp.einsum(spec, a_t, b_u))(a.spikes))
+      term = weighted_step_sum(jax.vmap(lambda a_t, b_u=b_u: exact_einsum(spec, a_t, b_u))(a.spikes))
       codes = term if codes is None else codes * 2 + term
-  out = codes * (a.scale * b.scale).astype(a.spikes.dtype)
+  out = (codes * (a.scale * b.scale).astype(codes.dtype)).astype(a.spikes.dtype)
   if sow_to is not None:
     count = lambda t: jnp.sum(jnp.abs(t.spikes), axis=0, dtype=jnp.float32)
     sow_to.sow(SpikeStats, f"{name}_sops", jnp.sum(jnp.einsum(spec, count(a), count(b))))
@@ -118,14 +125,15 @@ def grid_einsum(spec: str, a, b, scale_a, scale_b):
   other rounding would send tied scores to different levels in the two modes.
   The derivative is the bilinear one of the plain einsum.
   """
-  return jnp.einsum(spec, grid_codes(a, scale_a), grid_codes(b, scale_b)) * (scale_a * scale_b).astype(a.dtype)
+  codes = exact_einsum(spec, grid_codes(a, scale_a), grid_codes(b, scale_b))
+  return (codes * (scale_a * scale_b).astype(codes.dtype)).astype(a.dtype)
 
 
 @grid_einsum.defjvp
 def _grid_einsum_jvp(spec, primals, tangents):
   a, b, sa, sb = primals
   da, db, _, _ = tangents
-  return grid_einsum(spec, a, b, sa, sb), jnp.einsum(spec, da, b) + jnp.einsum(spec, a, db)
+  return grid_einsum(spec, a, b, sa, sb), (exact_einsum(spec, da, b) + exact_einsum(spec, a, db)).astype(a.dtype)
 
 
 def _product(spec, a, b, mode, owner, name, collect, scales=None):
@@ -134,7 +142,7 @@ def _product(spec, a, b, mode, owner, name, collect, scales=None):
       out = spike_einsum(spec, a, b, sow_to=owner if collect else None, name=name)
       contracted = a.spikes.shape[-1]
     else:
-      out = jnp.einsum(spec, a, b) if scales is None else grid_einsum(spec, a, b, *scales)
+      out = exact_einsum(spec, a, b).astype(a.dtype) if scales is None else grid_einsum(spec, a, b, *scales)
       contracted = a.shape[-1]
       if mode == "stbp" and collect:  # binary spikes of one step meet: one accumulate per pair
         owner.sow(SpikeStats, f"{name}_sops", jnp.sum(jnp.einsum(spec, jnp.abs(a), jnp.abs(b))))
@@ -160,7 +168,8 @@ class SpikingAttention(nnx.Module):
   """
 
   def __init__(self, dim: int, heads: int, stride: int | None = None, global_frac: float = 0.5,
-               scale_log2: int | None = None, *, neuron: dict, dtype=jnp.float32, rngs: nnx.Rngs):
+               scale_log2: int | None = None, *, neuron: dict, compute: Compute = Compute(),
+               rngs: nnx.Rngs):
     self.dim, self.heads, self.stride = dim, heads, stride
     self.scope = "attention"   # its path once in a network (`blocks.name_layers`)
     if stride is None:
@@ -174,13 +183,13 @@ class SpikingAttention(nnx.Module):
     head_dim = min(c for _, c in self.parts) // heads
     self.scale_log2 = int(round(0.5 * math.log2(head_dim))) if scale_log2 is None else int(scale_log2)
     sym = dict(neuron, symmetric=True)
-    self.q = SConv(dim, dim, 1, neuron=neuron, dtype=dtype, rngs=rngs)  # IF(X) -> 1x1 -> BN
-    self.k = SynapticConv(dim, dim, 1, dtype=dtype, rngs=rngs)
-    self.v = SynapticConv(dim, dim, 1, dtype=dtype, rngs=rngs)
+    self.q = SConv(dim, dim, 1, neuron=neuron, compute=compute, rngs=rngs)  # IF(X) -> 1x1 -> BN
+    self.k = SynapticConv(dim, dim, 1, compute=compute, rngs=rngs)
+    self.v = SynapticConv(dim, dim, 1, compute=compute, rngs=rngs)
     self.q_if, self.k_if, self.v_if = make_neuron(**sym), make_neuron(**sym), make_neuron(**sym)
     self.attn_if = make_neuron(**dict(neuron, symmetric=False))
     self.out_if = make_neuron(**sym)
-    self.proj = SynapticConv(dim, dim, 1, dtype=dtype, rngs=rngs)
+    self.proj = SynapticConv(dim, dim, 1, compute=compute, rngs=rngs)
 
   def attend(self, q, k, v, *, mode, alpha, collect):
     """Attention of spike-coded `q, k, v` laid out `(..., G, N, heads, d)` (any leading dims)."""
@@ -224,13 +233,13 @@ class AttentionBlock(nnx.Module):
   """
 
   def __init__(self, dim, heads, stride=None, global_frac=0.5, scale_log2=None, conv_branch="dw", *,
-               neuron: dict, dtype=jnp.float32, rngs: nnx.Rngs):
+               neuron: dict, compute: Compute = Compute(), rngs: nnx.Rngs):
     if conv_branch not in ("dw", "full", "none"):
       raise ValueError(f"Unknown conv_branch {conv_branch!r}: use 'dw', 'full' or 'none'.")
-    self.attn = SpikingAttention(dim, heads, stride, global_frac, scale_log2, neuron=neuron, dtype=dtype,
+    self.attn = SpikingAttention(dim, heads, stride, global_frac, scale_log2, neuron=neuron, compute=compute,
                                  rngs=rngs)
     groups = dim if conv_branch == "dw" else 1
-    self.conv = None if conv_branch == "none" else SynapticConv(dim, dim, 3, groups=groups, dtype=dtype,
+    self.conv = None if conv_branch == "none" else SynapticConv(dim, dim, 3, groups=groups, compute=compute,
                                                                 rngs=rngs)
 
   def __call__(self, x, *, mode="quantize", alpha=1.0, collect=False):

@@ -15,9 +15,13 @@ With `collect=True` the layer sows into `SpikeStats` its exact synaptic-operatio
 """
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from ge2mst_jax.neurons import ExpGIF, SpikeTrain, grid_codes, weighted_step_sum
 from ge2mst_jax.spike_stats import SpikeStats
@@ -50,25 +54,70 @@ def grid_unit(neuron, mode: str, alpha, dtype):
   return neuron.grid_unit(mode, alpha, dtype) if isinstance(neuron, ExpGIF) else None
 
 
+DEPTHWISE = ("shifts", "conv")
+SYNAPTIC_OUT = "synaptic_out"   # the checkpoint name of a synaptic layer's sum, before BatchNorm
+
+
+def remat_policy(prim, *_, **params) -> bool:
+  """What a rematerialised block keeps for its backward pass: each synaptic layer's sum (in the
+  activation dtype) and the reductions (BatchNorm's statistics: a few numbers per channel).
+  BatchNorm, the neurons and the quantized activations the next layer reads are recomputed from
+  them in the backward pass, inside the fusions that consume them, instead of being written
+  out in the forward pass and read back."""
+  if prim.name == "name":
+    return params["name"] == SYNAPTIC_OUT
+  return prim.name.startswith("reduce_")
+
+
+@dataclasses.dataclass(frozen=True)
+class Compute:
+  """How a synaptic layer computes, the same in every mode.
+
+  dtype: the convolution's operands (kernel and input). Products accumulate in at least float32.
+  activations: the dtype a layer hands on (its output after BatchNorm, the residual stream,
+    neuron outputs); None: `dtype`. bf16 activations halve the bytes every elementwise op,
+    BatchNorm and saved residual moves, which bound an accelerator's step; float32 keeps them
+    float32 beside bf16 synapses.
+  depthwise: 'shifts' (k*k shifted multiply-adds: XLA:CPU's grouped convolution is several
+    times slower) or 'conv' (a grouped convolution, what TPUs and GPUs run best).
+  """
+  dtype: Any = jnp.float32
+  activations: Any = None
+  depthwise: str = "shifts"
+
+  def __post_init__(self):
+    if self.depthwise not in DEPTHWISE:
+      raise ValueError(f"Unknown depthwise form {self.depthwise!r}: use one of {DEPTHWISE}.")
+
+  @property
+  def acc_dtype(self):
+    return jnp.promote_types(self.dtype, jnp.float32)
+
+  @property
+  def out_dtype(self):
+    return jnp.dtype(self.dtype if self.activations is None else self.activations)
+
+
 _DN = ("NHWC", "HWIO", "NHWC")
 _kernel_init = nnx.initializers.variance_scaling(2.0, "fan_in", "truncated_normal")
 
 
-def conv2d(x, kernel, stride: int, groups: int, acc_dtype=None):
+def conv2d(x, kernel, stride: int, groups: int, acc_dtype=None, depthwise: str = "shifts"):
   """NHWC convolution with symmetric 'same' padding (k // 2), identical in both modes.
 
   `acc_dtype`: the dtype products are accumulated and returned in (default: the operands').
   bf16 operands with float32 accumulation is what the MXU and tensor cores do natively; it
   also keeps the sum of a bf16 layer from being rounded to bf16 once per spike step.
-  A depthwise kernel (one filter per channel) is applied as k*k shifted multiply-adds:
-  XLA's CPU grouped convolution is several times slower, most of all in the backward pass.
+  A depthwise kernel (one filter per channel) is applied as k*k shifted multiply-adds with
+  `depthwise='shifts'` (XLA's CPU grouped convolution is several times slower, most of all in
+  the backward pass), as a grouped convolution with 'conv'.
   """
   k = kernel.shape[0]
   if k == 1 and groups == 1:
     # A 1x1 convolution is a matmul over channels. As a dot its gradients are dots too; XLA's
     # CPU convolution runs it 4-6x slower and its weight gradient as a conv with an HxW window.
     return jnp.einsum("...c,cd->...d", x[..., ::stride, ::stride, :], kernel[0, 0], preferred_element_type=acc_dtype)
-  if groups > 1 and groups == x.shape[-1] == kernel.shape[-1] and kernel.shape[2] == 1:
+  if depthwise == "shifts" and groups > 1 and groups == x.shape[-1] == kernel.shape[-1] and kernel.shape[2] == 1:
     return depthwise_conv2d(x, kernel, stride, acc_dtype)
   pad = ((k // 2, k // 2), (k // 2, k // 2))
   return jax.lax.conv_general_dilated(x, kernel, (stride, stride), pad, dimension_numbers=_DN,
@@ -123,12 +172,11 @@ class SynapticConv(nnx.Module):
   """Conv k x k (stride, groups) followed by BatchNorm; a linear layer is k = 1."""
 
   def __init__(self, cin: int, cout: int, kernel: int = 1, stride: int = 1, groups: int = 1,
-               *, bn: bool = True, bias: bool = False, dtype=jnp.float32, rngs: nnx.Rngs):
+               *, bn: bool = True, bias: bool = False, compute: Compute = Compute(), rngs: nnx.Rngs):
     if cin % groups or cout % groups:
       raise ValueError(f"SynapticConv: channels {cin}->{cout} not divisible by groups={groups}.")
-    self.stride, self.groups, self.dtype = stride, groups, dtype
-    # Activations stay float32 (float64 when verifying) whatever the conv's compute dtype.
-    self.acc_dtype = jnp.promote_types(dtype, jnp.float32)
+    self.stride, self.groups, self.dtype, self.depthwise = stride, groups, jnp.dtype(compute.dtype), compute.depthwise
+    self.acc_dtype, self.out_dtype = compute.acc_dtype, compute.out_dtype
     self.kernel = nnx.Param(_kernel_init(rngs.params(), (kernel, kernel, cin // groups, cout)))
     self.bias = nnx.Param(jnp.zeros((cout,))) if bias else None
     self.bn = nnx.BatchNorm(cout, momentum=0.9, epsilon=1e-5, rngs=rngs) if bn else None
@@ -159,7 +207,7 @@ class SynapticConv(nnx.Module):
       steps = x.code()[None] if x.integration == "code" else x.spikes
       T, B = steps.shape[:2]
       s = steps.reshape(T * B, *steps.shape[2:]).astype(self.dtype)
-      y = conv2d(s, self.kernel[...].astype(self.dtype), self.stride, self.groups, self.acc_dtype)
+      y = conv2d(s, self.kernel[...].astype(self.dtype), self.stride, self.groups, self.acc_dtype, self.depthwise)
       y = integrate_steps(y.reshape(T, B, *y.shape[1:]), x.scale)
       if collect:
         self.sow(SpikeStats, "sops", spike_sops_conv(x.spikes, self.kernel.shape, self.stride, self.groups))
@@ -167,17 +215,21 @@ class SynapticConv(nnx.Module):
       raise TypeError("SynapticConv got a SpikeTrain in quantize mode: call every layer with the same mode.")
     else:
       xs = x if unit is None else grid_codes(x, unit)
-      y = conv2d(xs.astype(self.dtype), self.kernel[...].astype(self.dtype), self.stride, self.groups, self.acc_dtype)
+      y = conv2d(xs.astype(self.dtype), self.kernel[...].astype(self.dtype), self.stride, self.groups, self.acc_dtype,
+                 self.depthwise)
       if unit is not None:
         y = y * unit.astype(self.acc_dtype)
     # Bias and BatchNorm after the accumulation, the same arithmetic in both modes (spike mode on
     # the running statistics: inference; on a chip they fold into the next neuron's threshold).
     # Folded into a bf16 kernel instead, they round other weights than quantize mode's: one of
-    # the reasons bf16 predictions agreed 72-96 % of the time instead of all.
+    # the reasons bf16 predictions agreed 72-96 % of the time instead of all. The sum is rounded
+    # to the activation dtype once, in both modes, before BatchNorm (which computes in float32).
+    y = checkpoint_name(y.astype(self.out_dtype), SYNAPTIC_OUT)
     if self.bias is not None:
       y = y + self.bias[...]
     if self.bn is not None:
       y = self.bn(y, use_running_average=True) if mode == "spike" else self.bn(y)
+    y = y.astype(self.out_dtype)
     if collect:
       self.sow(SpikeStats, "macs", jnp.asarray(self._macs(y.shape), jnp.float32))
     return y
@@ -186,10 +238,10 @@ class SynapticConv(nnx.Module):
 class SConv(nnx.Module):
   """A spiking convolution: ExpG-IF, then conv + BN (SPEC §3: Stage 1, down-sampling)."""
 
-  def __init__(self, cin, cout, kernel=3, stride=1, groups=1, *, neuron: dict, dtype=jnp.float32,
+  def __init__(self, cin, cout, kernel=3, stride=1, groups=1, *, neuron: dict, compute: Compute = Compute(),
                rngs: nnx.Rngs):
     self.neuron = make_neuron(**neuron)
-    self.conv = SynapticConv(cin, cout, kernel, stride, groups, dtype=dtype, rngs=rngs)
+    self.conv = SynapticConv(cin, cout, kernel, stride, groups, compute=compute, rngs=rngs)
 
   def __call__(self, x, *, mode="quantize", alpha=1.0, collect=False):
     return self.conv(self.neuron(x, mode=mode, alpha=alpha, collect=collect), mode=mode, collect=collect,
@@ -203,11 +255,11 @@ class SFFN(nnx.Module):
   """
 
   def __init__(self, dim: int, ratio: int = 4, depthwise: bool = True, *, neuron: dict,
-               dtype=jnp.float32, rngs: nnx.Rngs):
+               compute: Compute = Compute(), rngs: nnx.Rngs):
     hidden = dim * ratio
-    self.fc1 = SConv(dim, hidden, 1, neuron=neuron, dtype=dtype, rngs=rngs)
-    self.dw = SConv(hidden, hidden, 3, groups=hidden, neuron=neuron, dtype=dtype, rngs=rngs) if depthwise else None
-    self.fc2 = SConv(hidden, dim, 1, neuron=neuron, dtype=dtype, rngs=rngs)
+    self.fc1 = SConv(dim, hidden, 1, neuron=neuron, compute=compute, rngs=rngs)
+    self.dw = SConv(hidden, hidden, 3, groups=hidden, neuron=neuron, compute=compute, rngs=rngs) if depthwise else None
+    self.fc2 = SConv(hidden, dim, 1, neuron=neuron, compute=compute, rngs=rngs)
 
   def __call__(self, x, *, mode="quantize", alpha=1.0, collect=False):
     kw = dict(mode=mode, alpha=alpha, collect=collect)
@@ -223,8 +275,8 @@ class Stem(nnx.Module):
   Identical in both modes; its MACs are reported apart from the SOPs (SPEC §4).
   """
 
-  def __init__(self, cin: int, cout: int, kernel: int, stride: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
-    self.conv = SynapticConv(cin, cout, kernel, stride, dtype=dtype, rngs=rngs)
+  def __init__(self, cin: int, cout: int, kernel: int, stride: int, *, compute: Compute = Compute(), rngs: nnx.Rngs):
+    self.conv = SynapticConv(cin, cout, kernel, stride, compute=compute, rngs=rngs)
 
   def __call__(self, x, *, mode="quantize", collect=False):
     del mode  # the stem is not a spiking layer
@@ -238,10 +290,10 @@ class EventFrameAdapter(nnx.Module):
   like the stem, so that an ImageNet-trained stem and network can be fine-tuned on it.
   """
 
-  def __init__(self, frames: int, polarities: int = 2, out_channels: int = 3, *, dtype=jnp.float32,
+  def __init__(self, frames: int, polarities: int = 2, out_channels: int = 3, *, compute: Compute = Compute(),
                rngs: nnx.Rngs):
     self.frames, self.polarities = frames, polarities
-    self.conv = SynapticConv(frames * polarities, out_channels, 3, dtype=dtype, rngs=rngs)
+    self.conv = SynapticConv(frames * polarities, out_channels, 3, compute=compute, rngs=rngs)
 
   def __call__(self, events, *, collect=False):
     if events.ndim != 5 or events.shape[1] != self.frames or events.shape[-1] != self.polarities:

@@ -19,11 +19,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ge2mst_jax.attention import AttentionBlock, SpikingAttention, check_divisible
-from ge2mst_jax.blocks import PARADIGMS, SFFN, EventFrameAdapter, SConv, Stem, SynapticConv, make_neuron, name_layers
+from ge2mst_jax.blocks import (DEPTHWISE, PARADIGMS, SFFN, Compute, EventFrameAdapter, SConv, Stem, SynapticConv,
+                               make_neuron, name_layers, remat_policy)
 from ge2mst_jax.neurons import INTEGRATIONS, METHODS, check_tk
 from ge2mst_jax.stbp import RESETS, SURROGATES
 
 MODES = ("quantize", "spike", "stbp")
+REMATS = ("none", "block")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +58,15 @@ class ArchConfig:
   # 'code' (each layer once on the decoded train: the same linear sum regrouped, ~T x less work).
   spike_integration: str = "steps"
   dtype: str = "float32"                      # synaptic compute: 'float32' | 'bfloat16' | 'float64' (checks; x64)
+  # The dtype layers hand on (residual stream, BatchNorm and neuron outputs): 'same' (= dtype) or one of the
+  # above; 'float32' with dtype 'bfloat16' keeps float32 activations beside bf16 synapses.
+  activation_dtype: str = "same"
+  # Depthwise convolutions: 'shifts' (shifted multiply-adds, fastest on CPU) | 'conv' (a grouped conv, for
+  # TPU/GPU) | 'auto' ('shifts' where JAX's default backend is the CPU, else 'conv'; decided at build time).
+  depthwise: str = "auto"
+  # Training memory: 'none' (autodiff keeps what it keeps) | 'block' (each block rematerialised, keeping only
+  # its synaptic sums and BatchNorm statistics: fewer HBM bytes per image on TPU/GPU, a little more compute).
+  remat: str = "none"
   # Training paradigm: 'expg' (ExpG-IF quantizers, the paper) | 'stbp' (multi-step LIF + BPTT baseline).
   paradigm: str = "expg"
   lif_tau: float = 2.0                        # stbp: membrane time constant
@@ -80,7 +91,14 @@ class ArchConfig:
       raise ValueError(f"ArchConfig.spike_integration={self.spike_integration!r}: use one of {INTEGRATIONS}.")
     if self.dtype not in ("float32", "bfloat16", "float64"):
       raise ValueError(f"ArchConfig.dtype={self.dtype!r}: use 'float32', 'bfloat16' or 'float64'.")
-    if self.dtype == "float64" and not jax.config.jax_enable_x64:
+    if self.activation_dtype not in ("same", "float32", "bfloat16", "float64"):
+      raise ValueError(f"ArchConfig.activation_dtype={self.activation_dtype!r}: use 'same', 'float32', 'bfloat16' "
+                       f"or 'float64'.")
+    if self.remat not in REMATS:
+      raise ValueError(f"ArchConfig.remat={self.remat!r}: use one of {REMATS}.")
+    if self.depthwise not in ("auto",) + DEPTHWISE:
+      raise ValueError(f"ArchConfig.depthwise={self.depthwise!r}: use 'auto' or one of {DEPTHWISE}.")
+    if "float64" in (self.dtype, self.activation_dtype) and not jax.config.jax_enable_x64:
       raise ValueError("ArchConfig.dtype='float64' needs 64-bit JAX: set JAX_ENABLE_X64=1 or run inside "
                        "`with jax.enable_x64(True):`.")
     for size, s, stage in zip(self.stage_sizes()[1:3], self.gw_strides, (2, 3)):
@@ -106,6 +124,15 @@ class ArchConfig:
                surrogate_alpha=self.surrogate_alpha)
     return dict(T=self.T, K=self.K, lam_init=self.lam_init, method=self.quantizer, emitter=self.emitter,
                 integration=self.spike_integration, paradigm=self.paradigm, lif=lif)
+
+  @property
+  def compute(self) -> Compute:
+    """How the synaptic layers compute (blocks.Compute), with 'same' and 'auto' resolved."""
+    depthwise = self.depthwise
+    if depthwise == "auto":
+      depthwise = "shifts" if jax.default_backend() == "cpu" else "conv"
+    act = self.dtype if self.activation_dtype == "same" else self.activation_dtype
+    return Compute(jnp.dtype(self.dtype), jnp.dtype(act), depthwise)
 
   @property
   def train_mode(self) -> str:
@@ -146,26 +173,26 @@ class Ge2msT(nnx.Module):
   def __init__(self, cfg: ArchConfig, num_classes: int = 1000, *, rngs: nnx.Rngs):
     cfg = cfg.validate()
     self.cfg, self.num_classes = cfg, num_classes
-    nr, dt = cfg.neuron, jnp.dtype(cfg.dtype)
+    nr, comp = cfg.neuron, cfg.compute
     c0, (c1, c2, c3, c4) = cfg.stem_width, cfg.widths
-    self.adapter = (EventFrameAdapter(cfg.event_frames, out_channels=cfg.in_channels, dtype=dt, rngs=rngs)
+    self.adapter = (EventFrameAdapter(cfg.event_frames, out_channels=cfg.in_channels, compute=comp, rngs=rngs)
                     if cfg.event_frames else None)
-    self.stem = Stem(cfg.in_channels, c0, cfg.stem_kernel, cfg.stem_stride, dtype=dt, rngs=rngs)
+    self.stem = Stem(cfg.in_channels, c0, cfg.stem_kernel, cfg.stem_stride, compute=comp, rngs=rngs)
     mid = c1 * cfg.stage1_expand
-    stage1 = [SConv(c0, mid, 3, cfg.stage1_stride, neuron=nr, dtype=dt, rngs=rngs),
-              SConv(mid, c1, 3, neuron=nr, dtype=dt, rngs=rngs)]
-    stage1 += [SFFN(c1, cfg.ffn_ratio, depthwise=False, neuron=nr, dtype=dt, rngs=rngs)
+    stage1 = [SConv(c0, mid, 3, cfg.stage1_stride, neuron=nr, compute=comp, rngs=rngs),
+              SConv(mid, c1, 3, neuron=nr, compute=comp, rngs=rngs)]
+    stage1 += [SFFN(c1, cfg.ffn_ratio, depthwise=False, neuron=nr, compute=comp, rngs=rngs)
                for _ in range(cfg.depths[0])]
     stages = [nnx.List(stage1)]
     cin = c1
     for i, (c, d) in enumerate(zip((c2, c3, c4), cfg.depths[1:])):
       last = i == 2
-      blocks = [SConv(cin, c, 3, 2, neuron=nr, dtype=dt, rngs=rngs)]
+      blocks = [SConv(cin, c, 3, 2, neuron=nr, compute=comp, rngs=rngs)]
       for _ in range(d):
         blocks.append(AttentionBlock(c, cfg.heads[i], None if last else cfg.gw_strides[i], cfg.global_frac,
                                      cfg.attn_scale_log2, "none" if last else cfg.conv_branch, neuron=nr,
-                                     dtype=dt, rngs=rngs))
-        blocks.append(SFFN(c, cfg.ffn_ratio, depthwise=not last, neuron=nr, dtype=dt, rngs=rngs))
+                                     compute=comp, rngs=rngs))
+        blocks.append(SFFN(c, cfg.ffn_ratio, depthwise=not last, neuron=nr, compute=comp, rngs=rngs))
       stages.append(nnx.List(blocks))
       cin = c
     self.stages = nnx.List(stages)
@@ -173,8 +200,8 @@ class Ge2msT(nnx.Module):
     # The logits layer computes in float32 whatever the network's dtype (a few thousandths of the
     # FLOPs): its pooled input is off the code grid in quantize mode, and bf16 rounding of it
     # would flip close logits between the two modes.
-    self.classifier = SynapticConv(c4, num_classes, 1, bn=False, bias=True, dtype=jnp.promote_types(dt, jnp.float32),
-                                   rngs=rngs)
+    wide = jnp.promote_types(comp.dtype, jnp.float32)
+    self.classifier = SynapticConv(c4, num_classes, 1, bn=False, bias=True, compute=Compute(wide, wide), rngs=rngs)
     name_layers(self, (SynapticConv, SpikingAttention))
 
   def check_input(self, images) -> None:
@@ -224,17 +251,24 @@ class Ge2msT(nnx.Module):
     x = self.stem(x, collect=collect)
     if mode == "stbp":  # direct encoding: the stem's output is the input current of every step
       x = jnp.broadcast_to(x, (self.cfg.T, *x.shape))
+    remat = self.cfg.remat == "block" and mode != "spike" and not collect
     for stage in self.stages:
       for block in stage:
-        x = block(x, **kw)
+        x = _remat_call(block, x, alpha, mode) if remat else block(x, **kw)
     s = self.head_if(x, **kw)
     if mode == "spike" or (mode == "stbp" and collect):
       # The classifier consumes spikes token by token; pooling is additions. Linear, so training
       # pools first (the same function, fewer operations).
       logits = jnp.mean(self.classifier(s, mode=mode, collect=collect), axis=(-3, -2))
     else:
-      logits = self.classifier(jnp.mean(s, axis=(-3, -2), keepdims=True), mode=mode, collect=collect)[..., 0, 0, :]
+      pooled = jnp.mean(s.astype(jnp.promote_types(s.dtype, jnp.float32)), axis=(-3, -2), keepdims=True)
+      logits = self.classifier(pooled, mode=mode, collect=collect)[..., 0, 0, :]
     return jnp.mean(logits, axis=0) if mode == "stbp" else logits
+
+
+@nnx.remat(static_argnums=(3,), policy=remat_policy)
+def _remat_call(block, x, alpha, mode):
+  return block(x, mode=mode, alpha=alpha)
 
 
 def arch_config(name: str, **overrides) -> ArchConfig:

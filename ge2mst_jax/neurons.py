@@ -243,24 +243,34 @@ def expg_quantize(x, lam, T: int, K: int, symmetric: bool = False, method: str =
 
 
 def _quantize_fwd(x, lam, T, K, symmetric, method):
-  # The backward pass needs |code|: kept as one byte (T <= 8) rather than searched for
-  # again, so the backward costs the same whatever the number of levels.
-  out, code = _quantize_and_code(x, lam, T, K, symmetric, method)
-  store = jnp.uint8 if expg_levels(T, K).Z <= 255 else jnp.uint16
-  return out, (x, lam, code.astype(store))
+  # Only the input is kept: the backward pass searches the code again inside the fusion that
+  # reads x, instead of the forward writing a code tensor out and the backward reading it back.
+  return _quantize_and_code(x, lam, T, K, symmetric, method)[0], (x, lam)
 
 
-def _quantize_bwd(T, K, symmetric, method, res, g):
-  x, lam, code = res
+def _lam_gradient_terms(x, lam, T, K, symmetric, method):
+  """`(inside, dQ/dlam, sign)` at `x`: the straight-through mask and the LSQ/QCFS threshold
+  derivative, `q - x/lam` inside the range and 1 (times sign) above it, the code searched again."""
   lam_b = jnp.asarray(lam, x.dtype)
   a = jnp.abs(x) if symmetric else x
   sign = jnp.sign(x) if symmetric else jnp.ones_like(x)
   inside = (a >= 0) & (a <= lam_b)
+  code = _code_parts(x, lam, T, K, symmetric, method)[1]
   q = code.astype(x.dtype) * jnp.asarray(1.0 / expg_levels(T, K).Z, x.dtype)
   dlam = jnp.where(inside, q - a / lam_b, jnp.where(a > lam_b, 1.0, 0.0)) * sign
-  gx = jnp.where(inside, g, jnp.zeros_like(g))
-  glam = _sum_to_shape((g * dlam).astype(jnp.result_type(lam)), jnp.shape(lam))
-  return gx, glam.reshape(jnp.shape(lam))
+  return inside, dlam, sign, a > lam_b
+
+
+def _lam_cotangent(g, dlam, lam):
+  """`sum(g * dlam)` over what `lam` was broadcast to, accumulated in at least float32."""
+  acc = jnp.promote_types(jnp.result_type(lam), jnp.float32)
+  return _sum_to_shape(g.astype(acc) * dlam.astype(acc), jnp.shape(lam)).reshape(jnp.shape(lam)).astype(jnp.result_type(lam))
+
+
+def _quantize_bwd(T, K, symmetric, method, res, g):
+  x, lam = res
+  inside, dlam, _, _ = _lam_gradient_terms(x, lam, T, K, symmetric, method)
+  return jnp.where(inside, g, jnp.zeros_like(g)), _lam_cotangent(g, dlam, lam)
 
 
 expg_quantize.defvjp(_quantize_fwd, _quantize_bwd)
@@ -350,19 +360,53 @@ def progressive_activation(x, lam, alpha, T: int, K: int, symmetric: bool = Fals
   """`(1 - alpha) * clip(x, 0, lam) + alpha * Q(x)`; symmetric clips to [-lam, lam].
 
   The end points are exact: alpha = 0 is ClipReLU and alpha = 1 the quantizer,
-  bit for bit (a plain blend would turn -0.0 into 0.0 and round).
+  bit for bit (a plain blend would turn -0.0 into 0.0 and round). A traced alpha (training's
+  schedule) goes through one custom VJP that keeps only `x` for the backward pass.
   """
-  lam_x = jnp.asarray(lam, x.dtype)
-  clipped = jnp.clip(x, -lam_x if symmetric else 0, lam_x)
-  q = expg_quantize(x, lam, T, K, symmetric, method)
   if isinstance(alpha, (int, float)):
     if alpha >= 1:
-      return q
+      return expg_quantize(x, lam, T, K, symmetric, method)
     if alpha <= 0:
-      return clipped
+      return _clip(x, lam, symmetric)
+  return _blend(x, lam, alpha, T, K, symmetric, method)
+
+
+def _clip(x, lam, symmetric):
+  lam_x = jnp.asarray(lam, x.dtype)
+  return jnp.clip(x, -lam_x if symmetric else 0, lam_x)
+
+
+def _blend_forward(x, lam, alpha, T, K, symmetric, method):
+  clipped = _clip(x, lam, symmetric)
+  q = _quantize_and_code(x, lam, T, K, symmetric, method)[0]
   alpha = jnp.asarray(alpha, x.dtype)
   blend = (1 - alpha) * clipped + alpha * q
-  return jnp.where(alpha >= 1, q, jnp.where(alpha <= 0, clipped, blend))
+  return jnp.where(alpha >= 1, q, jnp.where(alpha <= 0, clipped, blend)), clipped, q
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _blend(x, lam, alpha, T, K, symmetric, method):
+  return _blend_forward(x, lam, alpha, T, K, symmetric, method)[0]
+
+
+def _blend_fwd(x, lam, alpha, T, K, symmetric, method):
+  return _blend(x, lam, alpha, T, K, symmetric, method), (x, lam, alpha)
+
+
+def _blend_bwd(T, K, symmetric, method, res, g):
+  # ClipReLU and the straight-through quantizer pass the gradient on the same range, so the
+  # blend's x-gradient is that mask whatever alpha; lam's is the blend of the two derivatives.
+  x, lam, alpha = res
+  inside, dlam_q, sign, above = _lam_gradient_terms(x, lam, T, K, symmetric, method)
+  w = jnp.clip(jnp.asarray(alpha, x.dtype), 0, 1)
+  dlam = w * dlam_q + (1 - w) * jnp.where(above, sign, 0)
+  _, clipped, q = _blend_forward(x, lam, alpha, T, K, symmetric, method)
+  a = jnp.asarray(alpha, x.dtype)
+  dalpha = jnp.where((a > 0) & (a < 1), q - clipped, jnp.zeros_like(q))
+  return jnp.where(inside, g, jnp.zeros_like(g)), _lam_cotangent(g, dlam, lam), _lam_cotangent(g, dalpha, alpha)
+
+
+_blend.defvjp(_blend_fwd, _blend_bwd)
 
 
 def alpha_schedule(progress, kind: str = "linear", ramp_end: float = 0.8, power: float = 1.0):
@@ -437,12 +481,14 @@ class ExpGIF(nnx.Module):
     return self.code_unit(dtype) if on_grid else None
 
   def __call__(self, x, *, mode: str = "quantize", alpha=1.0, collect: bool = False):
-    lam = self.threshold().astype(x.dtype)
+    # float32 whatever the activations' dtype, in both modes: the thresholds compare against it in
+    # float32, and its gradient sums over the whole layer.
+    lam = self.threshold()
     if mode == "quantize":
       # LSQ's step-size gradient scale 1/sqrt(features * levels): lam's gradient sums over
       # every feature of the layer and would otherwise dwarf the weights' gradients.
       features = max(x.size // max(x.shape[0], 1), 1)
-      lam = scale_grad(lam, jnp.asarray(1.0 / np.sqrt(features * expg_levels(self.T, self.K).Z), x.dtype))
+      lam = scale_grad(lam, jnp.asarray(1.0 / np.sqrt(features * expg_levels(self.T, self.K).Z), lam.dtype))
       return progressive_activation(x, lam, alpha, self.T, self.K, self.symmetric, self.method)
     if mode == "spike":
       spikes, _ = expg_spikes(x, lam, self.T, self.K, self.symmetric, self.method, self.emitter)

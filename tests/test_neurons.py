@@ -193,6 +193,33 @@ def test_progressive_activation_end_points_exact(symmetric):
   np.testing.assert_allclose(mid, 0.75 * clip + 0.25 * q, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_blend_vjp_is_the_autodiff_of_its_formula(symmetric):
+  """Training's traced-alpha activation has one custom VJP that keeps only x for the backward
+  pass; its gradients (x, lam, alpha) are those autodiff gives the formula written out."""
+  def reference(x, lam, alpha):
+    lam_x = jnp.asarray(lam, x.dtype)
+    clipped = jnp.clip(x, -lam_x if symmetric else 0, lam_x)
+    return (1 - alpha) * clipped + alpha * nr.expg_quantize(x, lam, 4, 2, symmetric)
+
+  # away from the clip bounds and the thresholds, where both are differentiable
+  x = jnp.concatenate([jnp.linspace(-2.3, 2.3, 201), jnp.asarray([-3.1, 3.3])])
+  lam = jnp.float32(1.3)
+  for alpha in (0.0, 0.37, 1.0):
+    out = lambda x, l, a: nr.progressive_activation(x, l, a, 4, 2, symmetric)
+    weights = jnp.cos(jnp.arange(x.size, dtype=jnp.float32))
+    f = lambda fn: lambda x, l, a: jnp.sum(weights * fn(x, l, a))
+    got = jax.jit(jax.grad(f(out), argnums=(0, 1, 2)))(x, lam, jnp.float32(alpha))
+    want = jax.grad(f(reference), argnums=(0, 1, 2))(x, lam, jnp.float32(alpha))
+    np.testing.assert_array_equal(out(x, lam, jnp.float32(alpha)), reference(x, lam, alpha) if 0 < alpha < 1
+                                  else out(x, lam, alpha))
+    np.testing.assert_allclose(got[0], want[0], atol=1e-6)
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-5)
+    if 0 < alpha < 1:
+      np.testing.assert_allclose(got[2], want[2], rtol=1e-5)
+    assert float(got[1]) != 0
+
+
 def test_alpha_schedule():
   np.testing.assert_allclose(nr.alpha_schedule(jnp.asarray([0.0, 0.4, 0.8, 1.0])), [0, 0.5, 1, 1])
   np.testing.assert_allclose(nr.alpha_schedule(0.5, ramp_end=1.0), 0.5)       # e/E
