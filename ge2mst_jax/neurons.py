@@ -249,8 +249,9 @@ def _quantize_fwd(x, lam, T, K, symmetric, method):
 
 
 def _lam_gradient_terms(x, lam, T, K, symmetric, method):
-  """`(inside, dQ/dlam, sign)` at `x`: the straight-through mask and the LSQ/QCFS threshold
-  derivative, `q - x/lam` inside the range and 1 (times sign) above it, the code searched again."""
+  """`(inside, dQ/dlam, sign, above)` at `x`: the straight-through mask, the LSQ/QCFS threshold
+  derivative (`q - x/lam` inside the range, 1 times sign above it; the code searched again), the
+  sign and where `|x|` exceeds `lam`."""
   lam_b = jnp.asarray(lam, x.dtype)
   a = jnp.abs(x) if symmetric else x
   sign = jnp.sign(x) if symmetric else jnp.ones_like(x)
