@@ -62,8 +62,9 @@ def remat_policy(prim, *_, **params) -> bool:
   """What a rematerialised block keeps for its backward pass: each synaptic layer's sum (in the
   activation dtype) and the reductions (BatchNorm's statistics: a few numbers per channel).
   BatchNorm, the neurons and the quantized activations the next layer reads are recomputed from
-  them in the backward pass, inside the fusions that consume them, instead of being written
-  out in the forward pass and read back."""
+  them in the backward pass. Measured with the TPU compiler (v5e, ge2mst_small stage 2): about
+  half the temporaries, ~10 % more HBM traffic (the recompute reads the sums again), so it is for
+  a network that does not fit otherwise."""
   if prim.name == "name":
     return params["name"] == SYNAPTIC_OUT
   return prim.name.startswith("reduce_")
