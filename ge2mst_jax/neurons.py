@@ -248,18 +248,19 @@ def _quantize_fwd(x, lam, T, K, symmetric, method):
   return _quantize_and_code(x, lam, T, K, symmetric, method)[0], (x, lam)
 
 
-def _lam_gradient_terms(x, lam, T, K, symmetric, method):
-  """`(inside, dQ/dlam, sign, above)` at `x`: the straight-through mask, the LSQ/QCFS threshold
-  derivative (`q - x/lam` inside the range, 1 times sign above it; the code searched again), the
-  sign and where `|x|` exceeds `lam`."""
+def _backward_terms(x, lam, T, K, symmetric, method):
+  """What the backward passes need at `x`, from one search for the code: `(inside, dQ/dlam, sign,
+  above, Q(x))`: the straight-through mask, the LSQ/QCFS threshold derivative (`q - x/lam` inside
+  the range, 1 times sign above it), the sign, where `|x|` exceeds `lam`, and the forward's output."""
   lam_b = jnp.asarray(lam, x.dtype)
   a = jnp.abs(x) if symmetric else x
   sign = jnp.sign(x) if symmetric else jnp.ones_like(x)
   inside = (a >= 0) & (a <= lam_b)
-  code = _code_parts(x, lam, T, K, symmetric, method)[1]
+  code_sign, code = _code_parts(x, lam, T, K, symmetric, method)
   q = code.astype(x.dtype) * jnp.asarray(1.0 / expg_levels(T, K).Z, x.dtype)
   dlam = jnp.where(inside, q - a / lam_b, jnp.where(a > lam_b, 1.0, 0.0)) * sign
-  return inside, dlam, sign, a > lam_b
+  out = (code_sign * code).astype(x.dtype) * code_scale(lam, T, K, x.dtype)   # as _quantize_and_code
+  return inside, dlam, sign, a > lam_b, out
 
 
 def _lam_cotangent(g, dlam, lam):
@@ -270,7 +271,7 @@ def _lam_cotangent(g, dlam, lam):
 
 def _quantize_bwd(T, K, symmetric, method, res, g):
   x, lam = res
-  inside, dlam, _, _ = _lam_gradient_terms(x, lam, T, K, symmetric, method)
+  inside, dlam, _, _, _ = _backward_terms(x, lam, T, K, symmetric, method)
   return jnp.where(inside, g, jnp.zeros_like(g)), _lam_cotangent(g, dlam, lam)
 
 
@@ -377,17 +378,13 @@ def _clip(x, lam, symmetric):
   return jnp.clip(x, -lam_x if symmetric else 0, lam_x)
 
 
-def _blend_forward(x, lam, alpha, T, K, symmetric, method):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _blend(x, lam, alpha, T, K, symmetric, method):
   clipped = _clip(x, lam, symmetric)
   q = _quantize_and_code(x, lam, T, K, symmetric, method)[0]
   alpha = jnp.asarray(alpha, x.dtype)
   blend = (1 - alpha) * clipped + alpha * q
-  return jnp.where(alpha >= 1, q, jnp.where(alpha <= 0, clipped, blend)), clipped, q
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def _blend(x, lam, alpha, T, K, symmetric, method):
-  return _blend_forward(x, lam, alpha, T, K, symmetric, method)[0]
+  return jnp.where(alpha >= 1, q, jnp.where(alpha <= 0, clipped, blend))
 
 
 def _blend_fwd(x, lam, alpha, T, K, symmetric, method):
@@ -398,12 +395,11 @@ def _blend_bwd(T, K, symmetric, method, res, g):
   # ClipReLU and the straight-through quantizer pass the gradient on the same range, so the
   # blend's x-gradient is that mask whatever alpha; lam's is the blend of the two derivatives.
   x, lam, alpha = res
-  inside, dlam_q, sign, above = _lam_gradient_terms(x, lam, T, K, symmetric, method)
-  w = jnp.clip(jnp.asarray(alpha, x.dtype), 0, 1)
-  dlam = w * dlam_q + (1 - w) * jnp.where(above, sign, 0)
-  _, clipped, q = _blend_forward(x, lam, alpha, T, K, symmetric, method)
+  inside, dlam_q, sign, above, q = _backward_terms(x, lam, T, K, symmetric, method)
   a = jnp.asarray(alpha, x.dtype)
-  dalpha = jnp.where((a > 0) & (a < 1), q - clipped, jnp.zeros_like(q))
+  w = jnp.clip(a, 0, 1)
+  dlam = w * dlam_q + (1 - w) * jnp.where(above, sign, 0)
+  dalpha = jnp.where((a > 0) & (a < 1), q - _clip(x, lam, symmetric), jnp.zeros_like(q))
   return jnp.where(inside, g, jnp.zeros_like(g)), _lam_cotangent(g, dlam, lam), _lam_cotangent(g, dalpha, alpha)
 
 
