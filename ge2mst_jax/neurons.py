@@ -204,9 +204,11 @@ def _grid_codes_jvp(primals, tangents):
 def static_alpha(alpha) -> float | None:
   """`alpha` as a Python float if it is known while tracing (a Python, numpy or concrete JAX
   scalar), else None (a traced value, as in the train step's schedule)."""
+  if isinstance(alpha, jax.core.Tracer):   # asked first: float() of a tracer raises an error whose
+    return None                             # message walks the whole program traced so far
   try:
     return float(alpha)
-  except TypeError:   # a tracer (ConcretizationTypeError is one), or not a scalar
+  except TypeError:   # not a scalar
     return None
 
 

@@ -258,6 +258,25 @@ def test_block_remat_gives_the_same_gradients_and_statistics():
   assert any(float(jnp.abs(g).max()) > 0 for g in grads["block"])
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float64"])
+def test_batchnorm_is_flax_batchnorm_op_for_op(dtype):
+  """blocks.BatchNorm only changes how the running statistics are stored: outputs, statistics and
+  their dtypes are flax's bit for bit, in training (under jit, twice) and on running statistics."""
+  with jax.enable_x64(dtype == "float64"):
+    x = (jax.random.normal(jax.random.key(1), (4, 5, 5, 6)) * 3 + 1).astype(dtype)
+    results = []
+    for cls in (nnx.BatchNorm, blocks.BatchNorm):
+      bn = cls(6, momentum=0.9, epsilon=1e-5, rngs=nnx.Rngs(0))
+      bn.scale[...], bn.bias[...] = jnp.linspace(0.5, 2, 6), jnp.linspace(-1, 1, 6)
+      train = nnx.jit(lambda m, x: m(x))
+      outs = [train(bn, x), train(bn, 2 * x - 1), bn(x, use_running_average=True)]
+      results.append(outs + [bn.mean[...], bn.var[...]])
+    for ours, flax_ in zip(results[1], results[0]):
+      assert ours.dtype == flax_.dtype
+      np.testing.assert_array_equal(np.asarray(ours, np.float64), np.asarray(flax_, np.float64))
+    assert not np.array_equal(results[1][3], jnp.zeros(6))   # the statistics did move
+
+
 def test_spike_mode_is_multiplication_free(monkeypatch):
   """Every synaptic layer and attention product in spike mode receives spike tensors only,
   and no neuron fires more than K times."""
