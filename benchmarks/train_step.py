@@ -25,7 +25,7 @@ def bench_model(name: str, batch: int, steps: int, dtype: str, image_size: int |
   return {"model": name, "image_size": size, "batch": batch, "dtype": dtype, "step_s": dt,
           "images_per_s": batch / dt, "model_flops_per_s": flops, "model_gflops_per_s": flops / 1e9,
           "macs_per_image": macs,
-          "compile_s": ts.compile_s, **ts.memory()}
+          "trace_s": ts.trace_s, "compile_s": ts.compile_s, **ts.memory()}
 
 
 def main(argv=None):
@@ -48,7 +48,8 @@ def main(argv=None):
     rows.append(r)
   bench_lib.print_table(rows, [("model", "model", "s"), ("size", "image_size", "d"), ("batch", "batch", "d"),
                                ("step s", "step_s", ".3f"), ("img/s", "images_per_s", ".1f"),
-                               ("GFLOP/s", "model_gflops_per_s", ".2f"), ("of matmul", "fraction_of_matmul_rate", ".1%")])
+                               ("GFLOP/s", "model_gflops_per_s", ".2f"), ("of matmul", "fraction_of_matmul_rate", ".1%"),
+                               ("trace s", "trace_s", ".1f"), ("compile s", "compile_s", ".1f")])
   print(f"dense {a.dtype} matmul ({a.matmul_n}^3): {peak / 1e9:.1f} GFLOP/s")
   path = bench_lib.record("train_step", rows, a.smoke, a.out, matmul_flops_per_s=peak, matmul_n=a.matmul_n,
                           flops_convention="forward MACs x 2 x 3 (forward + backward)")

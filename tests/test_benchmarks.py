@@ -13,7 +13,7 @@ MACHINE_KEYS = {"benchmark", "date", "machine", "processor", "cpu_count", "devic
                 "jax", "flax", "python", "smoke", "rows"}
 ROW_KEYS = {
     "train_step": {"model", "image_size", "batch", "dtype", "step_s", "images_per_s", "model_flops_per_s",
-                   "macs_per_image", "fraction_of_matmul_rate", "peak_bytes", "temp_bytes"},
+                   "macs_per_image", "fraction_of_matmul_rate", "peak_bytes", "temp_bytes", "trace_s", "compile_s"},
     "paradigms": {"paradigm", "T", "K", "step_s", "images_per_s", "peak_bytes", "temp_bytes", "time_vs_T1",
                   "memory_vs_T1", "sops_per_image", "mean_firing_rate"},
     "inference": {"model", "T", "K", "quantize_s", "spike_s", "spike_over_quantize", "spike_code_s",
