@@ -105,8 +105,8 @@ class BatchNorm(nnx.BatchNorm):
 
   Why: that assignment asks the traced value for its `.sharding`, and the AttributeError JAX
   raises for a tracer first walks the whole program traced so far to say where the value came
-  from. Twice per layer and step, that was a fifth of the time spent tracing the train step
-  (3.9-5.1 s -> see README, "Test suite"), and it grows with the square of the network's depth.
+  from. Twice per layer and step, and the walk grows with the program: tracing ge2mst_small's
+  train step took 14.2-17.9 s with flax's assignment, 8.6-10.7 s with this (2026-12-01, CPU).
   """
 
   def __call__(self, x, use_running_average: bool | None = None):
