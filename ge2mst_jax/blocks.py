@@ -118,7 +118,8 @@ class BatchNorm(nnx.BatchNorm):
       return super().__call__(x, use_running_average=running)
     old_mean, old_var = self.mean.get_value(), self.var.get_value()
     params = (x, old_mean, old_var, self.scale[...], self.bias[...])
-    x, _, _, scale, bias = (jnp.asarray(a, jnp.result_type(*params)) for a in params)
+    dtype = jnp.result_type(*params)   # flax promotes the input and all variables together
+    x, _, _, scale, bias = (jnp.asarray(a, dtype) for a in params)
     axes = tuple(range(x.ndim - 1))
     stats = jnp.asarray(x, jnp.promote_types(x.dtype, jnp.float32))   # at least float32, as flax
     mean, mean_sq = stats.mean(axes), jax.lax.square(stats).mean(axes)
