@@ -14,6 +14,23 @@ from ge2mst_jax import errors, train_lib
 from tests.test_train import small_digits
 
 
+def cache_compiles_on_every_host():
+  """Lets hosts other than 0 write the persistent compilation cache too.
+
+  JAX writes it from process 0 only (many writers contend on a shared bucket). On CPU each
+  process's cache key differs (it hashes the process's own topology), so process 0's entries
+  never serve the others and every test run compiled them again on hosts 1..n-1: the tests' runs
+  of the same program on the same host count now compile once per host instead of once per run.
+  """
+  from jax._src import compilation_cache, compiler  # pylint: disable=g-import-not-at-top
+
+  def write(cache_key, compile_time_secs, module_name, backend, executable, host_callbacks):
+    if not host_callbacks:  # as JAX's own writer: host callbacks are baked into the binary
+      compilation_cache.put_executable_and_time(cache_key, module_name, executable, backend,
+                                                int(compile_time_secs))
+  compiler._cache_write = write
+
+
 def main(argv):
   pid, n, port, workdir, *overrides = argv[1:]
   kw = {k: eval(v) for k, v in (o.split("=", 1) for o in overrides)}  # test-controlled literals
@@ -21,6 +38,8 @@ def main(argv):
   cfg.distributed.enabled = True
   cfg.distributed.coordinator_address = f"localhost:{port}"
   cfg.distributed.num_processes, cfg.distributed.process_id = int(n), int(pid)
+  if int(pid):
+    cache_compiles_on_every_host()
   try:
     out = train_lib.train_and_evaluate(cfg, workdir, quiet=True)
   except errors.Preempted as e:

@@ -155,6 +155,23 @@ def test_missing_dataset_says_how_to_prepare(tmp_path):
     data_lib.train_dataset(cfg.data, 8, 0)
 
 
+def test_digits_split_is_the_stratified_split_read_without_scikit_learn():
+  from sklearn.datasets import load_digits
+  from sklearn.model_selection import train_test_split
+  d = load_digits()
+  order = {}
+  order["train"], order["test"] = train_test_split(np.arange(len(d.target)), test_size=0.2, random_state=0,
+                                                   stratify=d.target)
+  for split, idx in order.items():
+    src = data_lib.digits_source(split, image_size=8)
+    np.testing.assert_array_equal(src.labels, d.target[idx])
+    np.testing.assert_array_equal(src.images[..., 1], (d.images[idx] / 16 * 255).round())
+  code = "import sys; from ge2mst_jax import data; data.digits_source('train'); print('sklearn' in sys.modules)"
+  r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300,
+                     env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert r.returncode == 0 and r.stdout.split() == ["False"], r.stderr[-2000:]
+
+
 def test_tfds_cifar10_pipeline_and_training_on_mock_data(tmp_path):
   cfg = cifar10.get_config("tiny")
   cfg.batch_size, cfg.eval_batch_size, cfg.total_steps = 16, 16, 2
