@@ -13,12 +13,17 @@ from ge2mst_jax import attention, blocks, models
 from ge2mst_jax.neurons import SpikeTrain
 
 
+# Jitted once for the module: nnx.jit's cache is keyed by the model's structure, so models of the
+# same structure and shapes (other seeds, another test) reuse one trace instead of a new one each.
+quantize_forward = nnx.jit(lambda m, x: m(x, mode="quantize"))
+both_modes = nnx.jit(lambda m, x: (m(x, mode="quantize"), m(x, mode="spike")))
+
+
 def calibrated(model, images, steps=12):
   """Random weights with BatchNorm statistics from a few train-mode passes: a well-conditioned net."""
   model.train()
-  fwd = nnx.jit(lambda m, x: m(x, mode="quantize"))
   for _ in range(steps):
-    fwd(model, images)
+    quantize_forward(model, images)
   model.eval()
   return model
 
@@ -138,8 +143,7 @@ def test_spike_mode_equals_quantize_mode_float64(variant):
     model = models.create_model("ge2mst_tiny", 10, nnx.Rngs(3), dtype="float64", image_size=16, **VARIANTS[variant])
     x = jax.random.normal(jax.random.key(4), (4, 16, 16, 3), jnp.float64)
     calibrated(model, x, steps=3)
-    both = nnx.jit(lambda m, x: (m(x, mode="quantize"), m(x, mode="spike")))
-    yq, ys = both(model, x)
+    yq, ys = both_modes(model, x)
     rel = float(jnp.max(jnp.abs(yq - ys)) / jnp.max(jnp.abs(yq)))
     print(f"{variant}: float64 max relative logit difference {rel:.2e}")
     assert yq.dtype == jnp.float64 and rel < 1e-12
@@ -168,7 +172,7 @@ def test_spike_mode_predicts_what_quantize_mode_predicts(dtype):
       x = jax.random.normal(jax.random.key(100 + seed), (64, 16, 16, 3))
       calibrated(model, x)
       with jax.default_matmul_precision(precision):
-        yq, ys = nnx.jit(lambda m, x: (m(x, mode="quantize"), m(x, mode="spike")))(model, x)
+        yq, ys = both_modes(model, x)
       assert yq.dtype == ys.dtype == jnp.float32
       agree.append(np.mean(np.argmax(yq, -1) == np.argmax(ys, -1)))
       rel.append(np.max(np.abs(yq - ys), axis=-1) / np.max(np.abs(yq)))
@@ -236,7 +240,7 @@ def test_depthwise_as_grouped_convolution_equals_shifted_adds():
   out = {}
   for form in ("shifts", "conv"):
     model = calibrated(models.create_model("ge2mst_tiny", 10, nnx.Rngs(0), image_size=16, depthwise=form), x, 3)
-    out[form] = nnx.jit(lambda m, x: (m(x, mode="quantize"), m(x, mode="spike")))(model, x)
+    out[form] = both_modes(model, x)
     np.testing.assert_array_equal(np.argmax(out[form][0], -1), np.argmax(out[form][1], -1))
   np.testing.assert_allclose(out["conv"][0], out["shifts"][0], rtol=1e-4, atol=1e-4)
 
@@ -358,7 +362,7 @@ def test_event_frame_adapter_model():
   model = models.create_model("ge2mst_tiny", 10, nnx.Rngs(0), event_frames=4)
   model.eval()
   ev = jax.random.bernoulli(jax.random.key(0), 0.1, (2, 4, 32, 32, 2)).astype(jnp.float32)
-  yq, ys = nnx.jit(lambda m, ev: (m(ev, mode="quantize"), m(ev, mode="spike")))(model, ev)
+  yq, ys = both_modes(model, ev)
   assert yq.shape == (2, 10)
   np.testing.assert_array_equal(jnp.argmax(yq, -1), jnp.argmax(ys, -1))
   with pytest.raises(ValueError, match=r"\[B, 4, H, W, 2\]"):

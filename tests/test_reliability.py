@@ -137,6 +137,31 @@ def test_training_falls_back_past_a_damaged_checkpoint_and_keeps_it_aside(tmp_pa
   assert os.path.isdir(tmp_path / "checkpoints" / "8")
 
 
+def test_a_save_on_eight_devices_compiles_nothing_and_restores_exactly(tmp_path, monkeypatch):
+  """Replicated arrays are written from one replica, not sliced among the 8 on the devices first
+  (orbax's default: one eager slice program per array shape and replica)."""
+  from flax import nnx
+  from ge2mst_jax import sharding as shd
+  slices = []
+  real = jax.lax.slice_in_dim
+  monkeypatch.setattr(jax.lax, "slice_in_dim", lambda *a, **k: slices.append(a[0].shape) or real(*a, **k))
+  replicated = jax.sharding.NamedSharding(shd.make_mesh(1), jax.sharding.PartitionSpec())
+  pure = {"w": jnp.arange(4096.0).reshape(64, 64), "b": jnp.ones(3, jnp.bfloat16), "step": jnp.int32(7)}
+  pure = jax.device_put(pure, replicated)
+  ckpt = ckpt_lib.Checkpoints(tmp_path, async_save=False)
+  ckpt.save(7, nnx.State(pure), {"records_per_process": 5})
+  ckpt.wait()
+  assert slices == []
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), pure)
+  step, restored, position = ckpt.restore(target)
+  ckpt.close()
+  assert step == 7 and position == {"records_per_process": 5}
+  for k, v in pure.items():
+    assert restored[k].dtype == v.dtype and restored[k].sharding.is_equivalent_to(replicated, v.ndim)
+    np.testing.assert_array_equal(restored[k], v)
+  assert ckpt_lib.restore_as_saved(tmp_path)[0] == 7   # orbax's standard reader reads these files
+
+
 BAD_INPUTS = [
     ({"batch_size": 30}, r"batch_size=30 is not divisible by the 8 devices: use a multiple of 8"),
     ({"data.image_size": 28}, r"model.arch.image_size=16 differs from data.image_size=28"),
