@@ -12,9 +12,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from ge2mst_jax import checkpoint as ckpt_lib
 from ge2mst_jax import errors
+from ge2mst_jax import sharding as shd
 from ge2mst_jax import train_lib
 from tests import cpu, faults, waiting
 from tests.test_train import ROOT, read_metrics, small_digits
@@ -140,8 +142,6 @@ def test_training_falls_back_past_a_damaged_checkpoint_and_keeps_it_aside(tmp_pa
 def test_a_save_on_eight_devices_compiles_nothing_and_restores_exactly(tmp_path, monkeypatch):
   """Replicated arrays are written from one replica, not sliced among the 8 on the devices first
   (orbax's default: one eager slice program per array shape and replica)."""
-  from flax import nnx
-  from ge2mst_jax import sharding as shd
   slices = []
   real = jax.lax.slice_in_dim
   monkeypatch.setattr(jax.lax, "slice_in_dim", lambda *a, **k: slices.append(a[0].shape) or real(*a, **k))
