@@ -159,10 +159,8 @@ def test_digits_split_is_the_stratified_split_read_without_scikit_learn():
   from sklearn.datasets import load_digits
   from sklearn.model_selection import train_test_split
   d = load_digits()
-  order = {}
-  order["train"], order["test"] = train_test_split(np.arange(len(d.target)), test_size=0.2, random_state=0,
-                                                   stratify=d.target)
-  for split, idx in order.items():
+  train, test = train_test_split(np.arange(len(d.target)), test_size=0.2, random_state=0, stratify=d.target)
+  for split, idx in (("train", train), ("test", test)):
     src = data_lib.digits_source(split, image_size=8)
     np.testing.assert_array_equal(src.labels, d.target[idx])
     np.testing.assert_array_equal(src.images[..., 1], (d.images[idx] / 16 * 255).round())
@@ -170,6 +168,13 @@ def test_digits_split_is_the_stratified_split_read_without_scikit_learn():
   r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300,
                      env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert r.returncode == 0 and r.stdout.split() == ["False"], r.stderr[-2000:]
+
+
+def test_digits_without_scikit_learn_is_a_one_line_error(monkeypatch):
+  monkeypatch.setattr(data_lib.importlib.util, "find_spec", lambda name: None)
+  with pytest.raises(data_lib.DataError, match=r"ships with scikit-learn .*pip install scikit-learn") as err:
+    data_lib.digits_source("train")
+  assert "\n" not in str(err.value)
 
 
 def test_tfds_cifar10_pipeline_and_training_on_mock_data(tmp_path):
