@@ -14,6 +14,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
 from ge2mst_jax import data as data_lib
+from ge2mst_jax import programs
 from ge2mst_jax import sharding as shd
 from ge2mst_jax.train_state import TrainSetup, eval_modes
 
@@ -70,6 +71,7 @@ class EvalMetrics(nnx.Module):
     return out | {"examples": float(int(self.accuracy[self.modes[0]].count[...]))}
 
 
+@programs.reused
 def make_eval_step(cfg, setup: TrainSetup, modes=("quantize", "spike")):
   """`eval_step(state, metrics_state, batch) -> metrics_state` (`EvalMetrics(modes, ...)`'s state)."""
   graphdef = setup.graphdef

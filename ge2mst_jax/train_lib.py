@@ -23,6 +23,7 @@ from ge2mst_jax import data as data_lib
 from ge2mst_jax import mixing
 from ge2mst_jax import paths
 from ge2mst_jax import profiling
+from ge2mst_jax import programs
 from ge2mst_jax import saved_config
 from ge2mst_jax import sharding as shd
 from ge2mst_jax.errors import NonFiniteError, Preempted
@@ -39,6 +40,7 @@ from ge2mst_jax.train_state import (TrainSetup, abstract_train_state, eval_modes
 # ----------------------------------------------------------------------------
 # Steps
 # ----------------------------------------------------------------------------
+@programs.reused
 def make_train_step(cfg, setup: TrainSetup):
   graphdef, total = setup.graphdef, max(cfg.total_steps, 1)
   a = cfg.alpha

@@ -15,6 +15,7 @@ import optax
 from flax import nnx
 
 from ge2mst_jax import checkpoint as ckpt_lib
+from ge2mst_jax import programs
 from ge2mst_jax import sharding as shd
 from ge2mst_jax.models import arch_from_config, model_from_config
 
@@ -67,17 +68,28 @@ def _build_fn(cfg):
   return build
 
 
+@programs.reused
+def _abstract_state(cfg, mesh):
+  graphdef, abstract = nnx.split(nnx.eval_shape(_build_fn(cfg)))
+  return graphdef, abstract, shd.state_shardings(abstract, mesh)
+
+
 def abstract_train_state(cfg, mesh) -> TrainSetup:
   """Shapes, dtypes and shardings of the train state, without computing it (`state` is None)."""
-  graphdef, abstract = nnx.split(nnx.eval_shape(_build_fn(cfg)))
-  return TrainSetup(graphdef, None, shd.state_shardings(abstract, mesh), abstract, mesh)
+  graphdef, abstract, shardings = _abstract_state(cfg, mesh)
+  return TrainSetup(graphdef, None, shardings, abstract, mesh)
+
+
+@programs.reused
+def _init_program(cfg, setup: TrainSetup):
+  build = _build_fn(cfg)
+  return jax.jit(lambda: nnx.split(build())[1], out_shardings=setup.shardings)
 
 
 def initialize(cfg, setup: TrainSetup) -> TrainSetup:
   """Fills `setup.state` with a fresh state, created already sharded by one jitted program."""
-  build = _build_fn(cfg)
   with jax.set_mesh(setup.mesh):
-    setup.state = jax.jit(lambda: nnx.split(build())[1], out_shardings=setup.shardings)()
+    setup.state = _init_program(cfg, setup)()
   return setup
 
 
