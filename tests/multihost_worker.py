@@ -14,21 +14,20 @@ from ge2mst_jax import errors, train_lib
 from tests.test_train import small_digits
 
 
-def cache_compiles_on_every_host():
-  """Lets hosts other than 0 write the persistent compilation cache too.
+def share_compiles_between_hosts():
+  """Hosts 1..n-1 take host 0's compiled programs instead of compiling them again, as on a pod.
 
-  JAX writes it from process 0 only (many writers contend on a shared bucket). On CPU each
-  process's cache key differs (it hashes the process's own topology), so process 0's entries
-  never serve the others and every test run compiled them again on hosts 1..n-1: the tests' runs
-  of the same program on the same host count now compile once per host instead of once per run.
+  JAX's `jax_share_binary_between_hosts` does this on TPU: host 0 compiles a program that spans
+  hosts and hands the binary to the others under its persistent-cache key. On CPU that key also
+  hashes each process's own topology fingerprint, which differs between processes: the others
+  would wait for a key host 0 never writes (and without sharing, every host compiled everything,
+  each writing a cache entry that only it could read). Hashed by the devices instead (JAX's own
+  way for a backend without a topology; the device assignment stays in the key), the key is the
+  same on every host: one compile per program, and the next run of the same hosts reads it.
   """
-  from jax._src import compilation_cache, compiler  # pylint: disable=g-import-not-at-top
-
-  def write(cache_key, compile_time_secs, module_name, backend, executable, host_callbacks):
-    if not host_callbacks:  # as JAX's own writer: host callbacks are baked into the binary
-      compilation_cache.put_executable_and_time(cache_key, module_name, executable, backend,
-                                                int(compile_time_secs))
-  compiler._cache_write = write
+  from jax._src import cache_key  # pylint: disable=g-import-not-at-top
+  cache_key._hash_accelerator_config = cache_key._hash_devices
+  jax.config.update("jax_share_binary_between_hosts", True)
 
 
 def main(argv):
@@ -38,8 +37,7 @@ def main(argv):
   cfg.distributed.enabled = True
   cfg.distributed.coordinator_address = f"localhost:{port}"
   cfg.distributed.num_processes, cfg.distributed.process_id = int(n), int(pid)
-  if int(pid):
-    cache_compiles_on_every_host()
+  share_compiles_between_hosts()
   try:
     out = train_lib.train_and_evaluate(cfg, workdir, quiet=True)
   except errors.Preempted as e:
