@@ -23,7 +23,7 @@ LOOP_ONLY_KEYS = frozenset({
     "async_checkpoints", "checkpoint_every", "compile_cache_dir", "distributed", "eval_batch_size",
     "eval_every", "eval_modes", "init_from", "keep_checkpoints", "lease", "log_every", "preempted_exit_code",
     "profile", "watchdog_secs"})
-MAX_PROGRAMS = 16   # per builder; the oldest goes first (each holds its compiled executables)
+MAX_PROGRAMS = 8    # per builder; the oldest goes first (each holds its compiled executables)
 
 
 def config_key(cfg) -> str:
