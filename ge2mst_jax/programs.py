@@ -60,5 +60,4 @@ def reused(build):
       cache.popitem(last=False)
     return program
 
-  cached.cache_clear = cache.clear
   return cached

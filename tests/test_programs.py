@@ -11,6 +11,13 @@ from ge2mst_jax import train_state
 from tests.test_train import small_digits
 
 
+def _mix_calls(monkeypatch) -> list:
+  """The arguments of every `mixing.mix` call from now on: the train step calls it while tracing only."""
+  calls, real = [], mixing.mix
+  monkeypatch.setattr(mixing, "mix", lambda *a: calls.append(a) or real(*a))
+  return calls
+
+
 def test_the_key_ignores_only_what_the_loop_reads():
   base = programs.config_key(small_digits(8))
   for loop_only in ({"checkpoint_every": 3}, {"eval_batch_size": 48}, {"eval_modes": ("quantize",)},
@@ -33,19 +40,15 @@ def test_equal_configs_share_the_step_and_later_edits_reach_no_built_program(mon
   assert evaluators.make_eval_step(cfg, setup, ("quantize",)) is not evaluators.make_eval_step(cfg, setup, ("spike",))
 
   # jit traces at the first call: the caller's config, edited after the build, does not reach it.
-  mixup = []
-  real = mixing.mix
-  monkeypatch.setattr(mixing, "mix", lambda *a: mixup.append(a[3]) or real(*a))
+  calls = _mix_calls(monkeypatch)
   cfg.mixup = 0.5
   batch = {"image": jax.ShapeDtypeStruct((32, 16, 16, 3), jnp.float32), "label": jax.ShapeDtypeStruct((32,), jnp.int32)}
   step.trace(setup.abstract, batch)
-  assert mixup == [0.0]
+  assert [a[3] for a in calls] == [0.0]   # mix(images, labels, key, mixup, ...)
 
 
 def test_a_second_run_with_the_same_config_traces_no_step(tmp_path, monkeypatch):
-  traces = []
-  real = mixing.mix
-  monkeypatch.setattr(mixing, "mix", lambda *a: traces.append(a[0].shape) or real(*a))   # runs at trace time only
+  traces = _mix_calls(monkeypatch)
   cfg = small_digits(4, eval_modes=("quantize",), **{"optimizer.lr": 0.03})   # a config no other test builds
   first = train_lib.train_and_evaluate(cfg, str(tmp_path / "a"), quiet=True)
   assert len(traces) == 1
