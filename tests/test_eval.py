@@ -17,7 +17,7 @@ from ge2mst_jax import checkpoint as ckpt_lib
 from ge2mst_jax import data as data_lib
 from ge2mst_jax import evaluation, evaluators, train_lib, train_state, weights
 from ge2mst_jax import sharding as shd
-from tests.test_train import ROOT, small_digits
+from tests.test_train import ROOT, cross_device_ops, small_digits
 
 # The tests share a module fixture: one worker computes it once.
 pytestmark = pytest.mark.xdist_group("trained_digits")
@@ -58,6 +58,18 @@ def test_report_has_every_key_and_matches_training(trained, tmp_path):
   assert audit["unexpected"] == [] and audit["expected_exceptions"] == ["stem.conv"] and audit["sops_match"]
   assert audit["audit_sops_per_image"] == pytest.approx(js["sops_per_image"], rel=1e-6)
   assert "## Spike audit" in open(files["md"]).read()
+
+
+def test_evaluation_on_eight_devices_stays_data_parallel_in_both_modes(trained):
+  """Each device evaluates its own images: spike mode's (T, B) steps fold batch-major
+  (`blocks.fold_steps`), and no activation is gathered across devices."""
+  cfg, _, out = trained
+  setup = out["setup"]
+  assert setup.mesh.devices.size == 8
+  step = evaluators.make_eval_step(cfg, setup, ("quantize", "spike"))   # the run's own program
+  _, metrics = nnx.split(evaluators.EvalMetrics(("quantize", "spike"), cfg.data.num_classes))
+  batch = shd.global_batch(next(data_lib.eval_batches(cfg.data, cfg.eval_batch_size, 8)), setup.mesh)
+  assert cross_device_ops(step, out["state"], metrics, batch) == []
 
 
 def test_load_export_round_trip_gives_identical_logits(trained, tmp_path):

@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from ge2mst_jax import data as data_lib
 from ge2mst_jax import energy, evaluation, models, stbp, train_lib
-from tests.test_train import read_metrics, small_digits
+from ge2mst_jax import sharding as shd
+from tests.test_train import cross_device_ops, read_metrics, small_digits
 
 
 def lif_reference(x, tau, v_th, reset):
@@ -103,6 +105,16 @@ def test_stbp_paradigm_trains_on_digits(stbp_run):
   losses = [r["loss"] for r in read_metrics(workdir)]
   assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])
   assert "accuracy_stbp" in out and "accuracy_quantize" not in out and out["accuracy_stbp"] > 0.2
+
+
+@pytest.mark.xdist_group("stbp_run")
+def test_stbp_training_on_eight_devices_stays_data_parallel(stbp_run):
+  """STBP's (T, B) steps fold batch-major into each layer: the train step only sums gradients."""
+  cfg, _, out = stbp_run
+  setup = out["setup"]
+  assert setup.mesh.devices.size == 8
+  batch = shd.global_batch(next(iter(data_lib.train_dataset(cfg.data, cfg.batch_size, cfg.seed))), setup.mesh)
+  assert cross_device_ops(train_lib.make_train_step(cfg, setup), out["state"], batch) == []
 
 
 @pytest.mark.xdist_group("stbp_run")

@@ -46,6 +46,13 @@ def read_metrics(workdir, kind="train"):
     return [r for r in map(json.loads, f) if r["kind"] == kind]
 
 
+def cross_device_ops(fn, *args) -> list[str]:
+  """The collectives of `fn`'s compiled program for `args` that move activations between devices
+  (all-gathers, all-to-alls, permutes): a data-parallel step has none; all-reduces are its sums."""
+  hlo = fn.lower(*args).compile().as_text()
+  return [op for op in ("all-gather", "collective-permute", "all-to-all") if f" {op}(" in hlo or f" {op}-start(" in hlo]
+
+
 def params_of(state):
   return jax.device_get(nnx.to_pure_dict(state)[0])
 
