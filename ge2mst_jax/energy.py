@@ -101,18 +101,16 @@ def energy_report(model, images) -> dict[str, Any]:
   if model.cfg.paradigm == "stbp":  # the STBP network is its own spiking network
     _, flat = instrumented_forward(model, images, mode="stbp")
     return summarize(jax.device_get(flat), None, images.shape[0], model.cfg.T)
-  _, flat_s = instrumented_forward(model, images, mode="spike")
-  _, flat_q = instrumented_forward(model, images, mode="quantize")
-  flat_s = jax.device_get(flat_s)
-  flat_q = jax.device_get(flat_q)
-  return summarize(flat_s, flat_q, images.shape[0], model.cfg.T)
+  _, flat = instrumented_forward(model, images, mode="spike")
+  return summarize(jax.device_get(flat), _dense_macs(model, images.shape[1:]), images.shape[0], model.cfg.T)
 
 
-def model_macs(model, image_shape) -> dict[str, float]:
-  """Dense MACs and FLOPs per image (stem and network) of a quantize-mode forward.
+def _dense_macs(model, image_shape) -> dict:
+  """`{path: MACs}` of every layer of one image's quantize-mode forward (the ANN the network is).
 
-  They depend on shapes alone: the forward is traced, and the compiled program returns only the
-  counts (constants), so XLA drops the network itself and nothing is computed.
+  Spike mode counts otherwise where it computes otherwise (its classifier runs on every token
+  before pooling). The counts depend on shapes alone: the forward is traced, and the compiled
+  program returns only constants, so XLA drops the network itself and nothing is computed.
   """
   graphdef, state = nnx.split(_in_eval_mode(model))
   mode = model.cfg.train_mode
@@ -123,7 +121,12 @@ def model_macs(model, image_shape) -> dict[str, float]:
     _, flat = capture_stats(lambda m, x: m(x, mode=mode, collect=True), m, jnp.zeros((1, *image_shape), jnp.float32))
     return {path: v for path, v in flat.items() if path[-1].endswith("macs")}
 
-  out = summarize({}, jax.device_get(counts(state)), 1, model.cfg.T)
+  return jax.device_get(counts(state))
+
+
+def model_macs(model, image_shape) -> dict[str, float]:
+  """Dense MACs and FLOPs per image (stem and network) of a quantize-mode forward."""
+  out = summarize({}, _dense_macs(model, image_shape), 1, model.cfg.T)
   return {k: out[k] for k in ("stem_macs_per_image", "network_macs_per_image", "macs_per_image", "flops_per_image")}
 
 

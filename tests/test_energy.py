@@ -95,6 +95,21 @@ def test_zero_input_gives_zero_sops_and_energy_is_0_9_pj(tiny):
   assert all(0 <= r <= 1 for r in rep["firing_rates"].values()) and len(rep["firing_rates"]) > 20
 
 
+def test_dense_macs_are_those_of_the_quantize_mode_forward(tiny):
+  """The report's MACs (the ANN the network is) are what a quantize-mode pass over the same images
+  sows, not spike mode's: its classifier runs on each of the 4x4 tokens before pooling."""
+  x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+  rep = energy.energy_report(tiny, x)
+  _, quantize = energy.instrumented_forward(tiny, x, mode="quantize")
+  _, spike = energy.instrumented_forward(tiny, x, mode="spike")
+  macs = lambda flat: {k: float(v) for k, v in flat.items() if k[-1] == "macs"}
+  assert macs(quantize)[("classifier", "macs")] == 128 * 10 and macs(spike)[("classifier", "macs")] == 16 * 128 * 10
+  assert rep["macs_per_image"] == sum(v for k, v in jax.device_get(quantize).items() if k[-1].endswith("macs"))
+  assert rep["macs_per_image"] < sum(v for k, v in jax.device_get(spike).items() if k[-1].endswith("macs"))
+  shapes_only = energy.model_macs(tiny, (32, 32, 3))
+  assert {k: rep[k] for k in shapes_only} == shapes_only
+
+
 def test_sops_scale_with_batch_as_documented(tiny):
   """Layers sow batch totals; the report divides by the batch: duplicated images, same per-image SOPs."""
   x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
