@@ -192,7 +192,7 @@ def fold_steps(x: jax.Array) -> jax.Array:
   Batch-major keeps each device's images contiguous: with the batch sharded over devices, the
   step-major `(T * B)` merge cannot be sharded like its input, and XLA's partitioner gathered
   the whole batch onto every device (each then computed all of it: spike-mode evaluation on 8
-  devices ran 7x slower than on one). The transpose fuses into the fusion that emits the spikes.
+  devices ran 7x slower than on one). On one device it costs nothing measurable (475 vs 463 ms).
   """
   return jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:])
 
