@@ -44,6 +44,7 @@ def reused(build):
   """`build(cfg, *args)` once per (config key, args); later calls get what that call returned.
 
   `args` are hashable (a mesh, a tuple of modes) or a train setup, keyed by its mesh and shardings.
+  `cached.cache_clear()` drops every program built so far, and with them their compiled executables.
   """
   cache: collections.OrderedDict = collections.OrderedDict()
 
@@ -60,4 +61,5 @@ def reused(build):
       cache.popitem(last=False)
     return program
 
+  cached.cache_clear = cache.clear
   return cached
