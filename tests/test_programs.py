@@ -49,9 +49,8 @@ def test_equal_configs_share_the_step_and_later_edits_reach_no_built_program(mon
 
 def test_a_second_run_with_the_same_config_traces_no_step(tmp_path, monkeypatch):
   # The suite's most common training program (other tests' persistent-cache entry serves its
-  # compile); programs built before in this process are dropped, so the first run must trace.
+  # compile); train steps built before in this process are dropped, so the first run must trace.
   train_lib.make_train_step.cache_clear()
-  evaluators.make_eval_step.cache_clear()
   traces = _mix_calls(monkeypatch)
   cfg = small_digits(8, eval_modes=("quantize",))
   first = train_lib.train_and_evaluate(cfg, str(tmp_path / "a"), quiet=True)
