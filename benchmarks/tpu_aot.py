@@ -4,6 +4,7 @@
   python benchmarks/tpu_aot.py --model ge2mst_small --topology v5e:2x2 --global_batch 1024 --dtype bfloat16
   python benchmarks/tpu_aot.py --model ge2mst_large --topology v5e:4x4 --global_batch 4096 --fsdp 16
   python benchmarks/tpu_aot.py --smoke                # ge2mst_tiny @32, global batch 8, v5e:2x2 (the test)
+  python benchmarks/tpu_aot.py --model ge2mst_small --global_batch 256 --blocks 2:1:2,2:2:3   # blocks alone
 
 The train step is the one train.py runs (`train_lib.make_train_step` on configs/imagenet2012's
 recipe: AdamW, mixup/CutMix, label smoothing), the forward steps the one eval.py runs
@@ -15,7 +16,9 @@ is allocated or initialised, and compiled by libtpu. From the compiled program:
 - `memory_analysis()`: per-chip peak bytes = arguments + outputs + temporaries - donated aliases;
 - `cost_analysis()`: FLOPs and "bytes accessed" of the per-chip (partitioned) program, divided
   by the per-chip batch: the per-image figures;
-- `as_text()`: how many of each collective the step issues.
+- `as_text()`: how many of each collective the step issues, and the same operand and output bytes
+  as cost analysis split by the memory each buffer lives in (`hlo_traffic.py`): `hlo_hbm_*` is
+  what moves to or from HBM; cost analysis also counts buffers kept in on-chip VMEM.
 
 The roofline is min(peak bf16 FLOP/s / FLOPs per image, HBM bandwidth / HBM bytes per image):
 images/s per chip that the chip could not exceed with this program. It is a bound, not a timing.
@@ -92,6 +95,7 @@ import re  # noqa: E402
 import time  # noqa: E402
 
 import bench_lib  # noqa: E402
+import hlo_traffic  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
@@ -161,6 +165,8 @@ def analyse(compiled, per_chip_batch: int, chip: dict) -> tuple[dict, str]:
   f_img, b_img = flops / per_chip_batch, hbm / per_chip_batch
   compute_rate, memory_rate = chip["peak_flops"] / f_img, chip["hbm_bandwidth"] / b_img
   text = compiled.as_text()
+  moved = hlo_traffic.traffic(text)
+  hlo_hbm_img = moved["hbm_bytes"] / per_chip_batch
   row = {"argument_bytes": args, "output_bytes": out, "temp_bytes": temp, "alias_bytes": alias,
          "peak_bytes_per_chip": peak, "peak_gb_per_chip": peak / 1e9, "hbm_fraction": peak / chip["hbm_bytes"],
          "fits_hbm": peak <= chip["hbm_bytes"],
@@ -171,6 +177,12 @@ def analyse(compiled, per_chip_batch: int, chip: dict) -> tuple[dict, str]:
          "roofline_images_per_s_per_chip": min(compute_rate, memory_rate),
          "bound": "memory" if memory_rate < compute_rate else "compute",
          "roofline_fraction_of_peak_flops": min(compute_rate, memory_rate) * f_img / chip["peak_flops"],
+         # The same sum split by memory space from the compiled HLO (hlo_traffic.py): cost analysis
+         # also counts buffers the compiler placed in on-chip VMEM, which never touch HBM.
+         "hlo_hbm_bytes_per_image": hlo_hbm_img, "hlo_hbm_gb_per_image": hlo_hbm_img / 1e9,
+         "hlo_on_chip_gb_per_image": moved["on_chip_bytes"] / per_chip_batch / 1e9,
+         "hlo_while_loops": moved["while_loops"],
+         "hlo_hbm_roofline_images_per_s_per_chip": min(compute_rate, chip["hbm_bandwidth"] / hlo_hbm_img),
          **{f"n_{op.replace('-', '_')}": n for op, n in collective_counts(text).items()}}
   return row, text
 
@@ -243,6 +255,91 @@ def probe(model: str, topology: str, global_batch: int, dtype: str, fsdp: int, s
   return rows
 
 
+def parse_blocks(spec: str, net) -> tuple[int, int, int]:
+  """'2:1:2' -> (stage index 1, blocks 1..2 exclusive) of `net`; a one-line error otherwise."""
+  try:
+    stage, a, b = (int(v) for v in spec.split(":"))
+  except ValueError:
+    stage = a = b = -1
+  n_stages = len(net.stages)
+  if not 1 <= stage <= n_stages or not 0 <= a < b <= len(net.stages[stage - 1]):
+    sizes = ", ".join(f"stage {i + 1}: {len(st)}" for i, st in enumerate(net.stages))
+    raise SystemExit(f"error: --blocks={spec!r}: use STAGE:FIRST:END with 1 <= STAGE <= {n_stages} and "
+                     f"0 <= FIRST < END <= the stage's block count ({sizes}).")
+  return stage - 1, a, b
+
+
+def probe_blocks(model: str, topology: str, per_chip_batch: int, dtype: str, specs: str,
+                 image_size: int | None = None, hlo_dir: str | None = None, remat: str = "none") -> list[dict]:
+  """One row per `STAGE:FIRST:END` in the comma-separated `specs` (`probe_block`)."""
+  return [probe_block(model, topology, per_chip_batch, dtype, spec, image_size, hlo_dir, remat)
+          for spec in filter(None, specs.split(","))]
+
+
+def probe_block(model: str, topology: str, per_chip_batch: int, dtype: str, spec: str,
+                image_size: int | None = None, hlo_dir: str | None = None, remat: str = "none") -> dict:
+  """Compiles the training forward and backward pass of a few blocks alone, on one chip: where a
+  whole step's bytes go, block by block, at a fraction of its compile time.
+
+  The blocks run as in the train step (quantize mode, a traced alpha, batch statistics) on an
+  input of the shape and dtype the preceding layers hand them, with a float32 cotangent on their
+  output; gradients are taken for their parameters and their input."""
+  gen, _ = parse_topology(topology)
+  devices = topology_devices(topology)[:1]
+  rep = NamedSharding(jax.sharding.Mesh(np.array(devices), ("data",)), P())
+  cfg = make_config(model, per_chip_batch, dtype, 1, image_size, remat)
+  net = nnx.eval_shape(lambda: models.model_from_config(cfg))
+  stage, a, b = parse_blocks(spec, net)
+  size = cfg.data.image_size
+
+  def block_input(net, images):   # what the blocks before `a` hand on (shapes only)
+    x = net.stem(images.astype(np.float32))
+    for si, blocks in enumerate(net.stages):
+      for bi, block in enumerate(blocks):
+        if (si, bi) == (stage, a):
+          return x
+        x = block(x, mode="quantize", alpha=0.5)
+
+  graphdef, params = nnx.split(net)
+  x = jax.eval_shape(lambda p, i: block_input(nnx.merge(graphdef, p), i), params,
+                     jax.ShapeDtypeStruct((per_chip_batch, size, size, 3), np.float32))
+  graphdef, params = nnx.split(nnx.List(list(net.stages[stage])[a:b]))
+
+  def forward(params, x, alpha):
+    blocks = nnx.merge(graphdef, params)
+    for block in blocks:
+      x = block(x, mode="quantize", alpha=alpha)
+    return x, nnx.state(blocks)
+
+  def step(params, x, cotangent, alpha):
+    def loss(params, x):
+      y, new_params = forward(params, x, alpha)
+      return jax.numpy.sum(y.astype(np.float32) * cotangent), new_params
+    (_, new_params), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, x)
+    return new_params, grads
+
+  shaped = lambda t: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=rep)
+  params, x = jax.tree.map(shaped, params), shaped(x)
+  y = jax.eval_shape(forward, params, x, np.float32(0.5))[0]
+  args = (params, x, shaped(jax.ShapeDtypeStruct(y.shape, np.float32)), shaped(jax.ShapeDtypeStruct((), np.float32)))
+  t = time.perf_counter()
+  compiled = jax.jit(step).lower(*args).compile()
+  compile_s = time.perf_counter() - t
+  row, text = analyse(compiled, per_chip_batch, CHIP_SPECS[gen])
+  name = f"blocks {stage + 1}:{a}:{b}"
+  kinds = [type(block).__name__ for block in list(net.stages[stage])[a:b]]
+  row = {"model": model, "topology": topology, "chips": 1, "dtype": dtype, "global_batch": per_chip_batch,
+         "per_chip_batch": per_chip_batch, "fsdp": 1, "image_size": size, "remat": remat, "step": name,
+         "blocks": kinds, "block_input_shape": list(x.shape), **row, "compile_s": compile_s}
+  if hlo_dir:
+    os.makedirs(hlo_dir, exist_ok=True)
+    row["hlo_file"] = os.path.join(hlo_dir, f"{model}_{dtype}_b{per_chip_batch}_blocks{stage + 1}-{a}-{b}.hlo")
+    with open(row["hlo_file"], "w") as f:
+      f.write(text)
+  print(f"{name} ({', '.join(kinds)}): compiled in {compile_s:.1f} s", flush=True)
+  return row
+
+
 def main(argv=None):
   p = bench_lib.arg_parser(__doc__)
   p.add_argument("--model", default="ge2mst_small", help="a family member: ge2mst_small|base|large, ge2mst_tiny, ...")
@@ -256,6 +353,10 @@ def main(argv=None):
   p.add_argument("--remat", default="none", choices=list(models.REMATS),
                  help="the model's remat option: 'block' keeps only synaptic sums and BatchNorm statistics")
   p.add_argument("--hlo_dir", default=None, help="also write each compiled program's HLO text here")
+  p.add_argument("--blocks", default=None, metavar="STAGE:FIRST:END[,...]",
+                 help="instead of the steps: the train forward+backward of blocks [FIRST, END) of STAGE (1-4) "
+                      "alone, on one chip at --global_batch images, e.g. 2:1:2 for Stage 2's first GW-SSA block; "
+                      "several ranges, comma-separated, give one row each")
   a = p.parse_args(argv)
   for k, v in tpu_environment(a.topology).items():   # main() called from Python: before JAX starts, if not yet
     os.environ.setdefault(k, v)
@@ -264,21 +365,32 @@ def main(argv=None):
     raise SystemExit(f"error: --steps: unknown {bad}; use some of {','.join(STEPS)}.")
   if a.smoke:
     a.model, a.global_batch, a.image_size = "ge2mst_tiny", 8, 32
+  if a.blocks:   # a bad range is a one-line error before libtpu starts (the network's shapes only)
+    cfg = make_config(a.model, a.global_batch, a.dtype, 1, a.image_size, a.remat)
+    net = nnx.eval_shape(lambda: models.model_from_config(cfg))
+    for spec in a.blocks.split(","):
+      parse_blocks(spec, net)
   try:
     import libtpu  # noqa: F401
   except ImportError:
     raise SystemExit('error: libtpu is not installed: pip install -e ".[tpu]" (the TPU compiler; no TPU needed).')
-  rows = probe(a.model, a.topology, a.global_batch, a.dtype, a.fsdp, steps, a.image_size, a.hlo_dir, a.remat)
+  if a.blocks:
+    rows = probe_blocks(a.model, a.topology, a.global_batch, a.dtype, a.blocks, a.image_size, a.hlo_dir, a.remat)
+  else:
+    rows = probe(a.model, a.topology, a.global_batch, a.dtype, a.fsdp, steps, a.image_size, a.hlo_dir, a.remat)
   bench_lib.print_table(rows, [("step", "step", "s"), ("topology", "topology", "s"), ("batch", "global_batch", "d"),
                                ("fsdp", "fsdp", "d"), ("GB/chip", "peak_gb_per_chip", ".2f"),
                                ("of HBM", "hbm_fraction", ".0%"), ("GFLOP/img", "gflops_per_image", ".2f"),
                                ("HBM GB/img", "hbm_gb_per_image", ".3f"),
+                               ("HLO HBM GB/img", "hlo_hbm_gb_per_image", ".3f"),
                                ("roofline img/s/chip", "roofline_images_per_s_per_chip", ".0f"),
                                ("all-red", "n_all_reduce", "d"), ("all-gath", "n_all_gather", "d"),
                                ("red-scat", "n_reduce_scatter", "d"), ("coll-perm", "n_collective_permute", "d"),
                                ("all-to-all", "n_all_to_all", "d"), ("compile s", "compile_s", ".1f")])
   remat = "" if a.remat == "none" else f"_remat-{a.remat}"
-  name = "tpu_aot" if a.smoke else f"tpu_aot_{a.model}_{a.topology.replace(':', '-')}_{a.dtype}_b{a.global_batch}_fsdp{rows[0]['fsdp']}{remat}"
+  part = "" if not a.blocks else "_blocks" if "," in a.blocks else f"_blocks{a.blocks.replace(':', '-')}"
+  name = ("tpu_aot" + part if a.smoke else
+          f"tpu_aot_{a.model}_{a.topology.replace(':', '-')}_{a.dtype}_b{a.global_batch}_fsdp{rows[0]['fsdp']}{remat}{part}")
   path = bench_lib.record(name, rows, a.smoke, a.out, compiler="libtpu " + _libtpu_version(),
                           chip_specs=CHIP_SPECS, chip_specs_source="Google Cloud TPU docs: tpu/docs/v5e, v5p, v6e",
                           roofline="min(peak_flops / flops_per_image, hbm_bandwidth / hbm_bytes_per_image)")

@@ -64,6 +64,26 @@ def test_tpu_aot_probe_compiles_tiny_model_for_v5e(tmp_path):
   # reduction of parameters. A forward pass does fewer FLOPs than forward + backward.
   assert rows["train"]["n_all_reduce"] + rows["train"]["n_reduce_scatter"] >= 1
   assert rows["forward_quantize"]["flops_per_image"] < rows["train"]["flops_per_image"]
+  # What moves to or from HBM is part of what cost analysis counts (which adds on-chip buffers).
+  for step, row in rows.items():
+    assert 0 < row["hlo_hbm_bytes_per_image"] <= row["hbm_bytes_per_image"], step
+  # One block alone: Stage 2's GW-SSA block, its train forward and backward on one chip.
+  r = subprocess.run([exe, os.path.join(ROOT, "benchmarks", "tpu_aot.py"), "--smoke", "--blocks", "2:1:2",
+                      "--out", str(tmp_path)], capture_output=True, text=True, timeout=1200, cwd=ROOT, env=env)
+  assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+  (block,) = json.load(open(tmp_path / "tpu_aot_blocks2-1-2.json"))["rows"]
+  assert block["step"] == "blocks 2:1:2" and block["blocks"] == ["AttentionBlock"] and block["chips"] == 1
+  assert block["block_input_shape"] == [8, 8, 8, 32]   # tiny @32: stage 2 runs on 8x8 tokens of 32 channels
+  assert 0 < block["hlo_hbm_bytes_per_image"] <= block["hbm_bytes_per_image"] < rows["train"]["hbm_bytes_per_image"]
+
+
+def test_a_block_range_outside_the_network_is_one_clear_line():
+  """Checked on the network's shapes before libtpu starts: runs anywhere."""
+  r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "tpu_aot.py"), "--smoke", "--blocks", "2:3:9"],
+                     capture_output=True, text=True, timeout=300, cwd=ROOT)
+  assert r.returncode == 1 and r.stderr.strip() == (
+      "error: --blocks='2:3:9': use STAGE:FIRST:END with 1 <= STAGE <= 4 and 0 <= FIRST < END <= the stage's "
+      "block count (stage 1: 3, stage 2: 3, stage 3: 3, stage 4: 3)."), r.stderr
 
 
 def test_unknown_topology_is_one_clear_line():
@@ -75,3 +95,41 @@ def test_unknown_topology_is_one_clear_line():
     r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "tpu_aot.py"), "--topology", topology],
                        capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert r.returncode == 1 and r.stderr.strip() == message, r.stderr
+
+
+# The shape of libtpu's as_text() (from a compiled GW-SSA block, trimmed): the input `x` in HBM,
+# prefetched into VMEM (S(1)) in two async slices, the halves joined there, one fusion reading
+# the VMEM copy and the HBM weight and writing its output to HBM.
+_HLO = """HloModule jit_run, entry_computation_layout={(bf16[4,8]{1,0})->bf16[4,8]{1,0}}
+
+%fused_computation (p0: bf16[4,8], p1: f32[8]) -> bf16[4,8] {
+  %p0 = bf16[4,8]{1,0:T(8,128)(2,1)S(1)} parameter(0)
+  ROOT %r = bf16[4,8]{1,0:T(8,128)(2,1)} add(%p0, %p0)
+}
+
+ENTRY %main.1 (x.1: bf16[4,8], w.1: f32[8]) -> bf16[4,8] {
+  %x.1 = bf16[4,8]{1,0:T(8,128)(2,1)} parameter(0), metadata={op_name="x"}
+  %w.1 = f32[8]{0:T(128)} parameter(1)
+  %slice-start = ((bf16[4,8]{1,0:T(8,128)(2,1)}), bf16[2,8]{1,0:T(8,128)(2,1)S(1)}, s32[]{:S(2)}) slice-start(%x.1), slice={[0:2], [0:8]}
+  %slice-start.1 = ((bf16[4,8]{1,0:T(8,128)(2,1)}), bf16[2,8]{1,0:T(8,128)(2,1)S(1)}, s32[]{:S(2)}) slice-start(%x.1), slice={[2:4], [0:8]}
+  %slice-done = bf16[2,8]{1,0:T(8,128)(2,1)S(1)} slice-done(%slice-start)
+  %slice-done.1 = bf16[2,8]{1,0:T(8,128)(2,1)S(1)} slice-done(%slice-start.1)
+  %custom-call = bf16[4,8]{1,0:T(8,128)(2,1)S(1)} custom-call(%slice-done, %slice-done.1), custom_call_target="ConcatBitcast"
+  ROOT %fusion = bf16[4,8]{1,0:T(8,128)(2,1)} fusion(%custom-call, %w.1), kind=kLoop, calls=%fused_computation
+}
+"""
+
+
+def test_hlo_traffic_splits_bytes_by_memory_space():
+  """HBM: the two slices read from x (32 B each) and the fusion's weight (32 B) and output (64 B).
+  On chip: the slices' VMEM halves (32 B each), the join (in 64 B, out 64 B), the fusion's input
+  (64 B). The fused computation's own parameters are not traffic of the program."""
+  sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+  import hlo_traffic
+  t = hlo_traffic.traffic(_HLO)
+  assert t["hbm_bytes"] == 32 + 32 + 32 + 64
+  assert t["on_chip_bytes"] == 32 + 32 + 64 + 64 + 64
+  assert t["hbm_bytes_by_op"] == {"fusion": 96, "slice-start": 64} and t["while_loops"] == 0
+  assert hlo_traffic.arrays("(f32[]{:T(128)}, bf16[2,3]{1,0:T(8,128)(2,1)S(1)})") == [(4, 0), (12, 1)]
+  with pytest.raises(ValueError, match="No ENTRY computation"):
+    hlo_traffic.traffic("HloModule m\n")
