@@ -81,7 +81,7 @@ def traffic(hlo_text: str) -> dict:
   for _, shape, op, operands in instrs:
     if op in _FREE or op.endswith("-done"):
       continue
-    if op.endswith("-start") and op in ("copy-start", "slice-start"):
+    if op in ("copy-start", "slice-start"):
       # Output: (source alias, destination, sync flag); the destination is what is moved.
       moved = [a for a in arrays(shape)[1:] if a[1] != OTHER][:1] or arrays(shape)[1:2]
       src = arrays(shapes.get(operands[0], "")) if operands else []

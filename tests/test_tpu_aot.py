@@ -71,9 +71,9 @@ def test_tpu_aot_probe_compiles_tiny_model_for_v5e(tmp_path):
   r = subprocess.run([exe, os.path.join(ROOT, "benchmarks", "tpu_aot.py"), "--smoke", "--blocks", "2:1:2",
                       "--out", str(tmp_path)], capture_output=True, text=True, timeout=1200, cwd=ROOT, env=env)
   assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-  (block,) = json.load(open(tmp_path / "tpu_aot_blocks2-1-2.json"))["rows"]
+  (block,) = json.load(open(tmp_path / "tpu_aot_blocks2-1-2_smoke.json"))["rows"]
   assert block["step"] == "blocks 2:1:2" and block["blocks"] == ["AttentionBlock"] and block["chips"] == 1
-  assert block["block_input_shape"] == [8, 8, 8, 32]   # tiny @32: stage 2 runs on 8x8 tokens of 32 channels
+  assert block["block_input_shape"] == [8, 16, 16, 32]   # tiny @32: Stage 2 attends over 16x16 tokens of 32 channels
   assert 0 < block["hlo_hbm_bytes_per_image"] <= block["hbm_bytes_per_image"] < rows["train"]["hbm_bytes_per_image"]
 
 
