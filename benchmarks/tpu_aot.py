@@ -281,9 +281,9 @@ def probe_block(model: str, topology: str, per_chip_batch: int, dtype: str, spec
   """Compiles the training forward and backward pass of a few blocks alone, on one chip: where a
   whole step's bytes go, block by block, at a fraction of its compile time.
 
-  The blocks run as in the train step (quantize mode, a traced alpha, batch statistics) on an
-  input of the shape and dtype the preceding layers hand them, with a float32 cotangent on their
-  output; gradients are taken for their parameters and their input."""
+  The blocks run as in the train step (quantize mode, a traced alpha, batch statistics, the
+  model's remat) on an input of the shape and dtype the preceding layers hand them, with a
+  float32 cotangent on their output; gradients are taken for their parameters and their input."""
   gen, _ = parse_topology(topology)
   devices = topology_devices(topology)[:1]
   rep = NamedSharding(jax.sharding.Mesh(np.array(devices), ("data",)), P())
@@ -308,7 +308,7 @@ def probe_block(model: str, topology: str, per_chip_batch: int, dtype: str, spec
   def forward(params, x, alpha):
     blocks = nnx.merge(graphdef, params)
     for block in blocks:
-      x = block(x, mode="quantize", alpha=alpha)
+      x = models.remat_call(block, x, alpha, "quantize") if remat == "block" else block(x, mode="quantize", alpha=alpha)
     return x, nnx.state(blocks)
 
   def step(params, x, cotangent, alpha):

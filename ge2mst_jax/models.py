@@ -255,7 +255,7 @@ class Ge2msT(nnx.Module):
     remat = self.cfg.remat == "block" and mode != "spike" and not collect
     for stage in self.stages:
       for block in stage:
-        x = _remat_call(block, x, alpha, mode) if remat else block(x, **kw)
+        x = remat_call(block, x, alpha, mode) if remat else block(x, **kw)
     s = self.head_if(x, **kw)
     if mode == "spike" or (mode == "stbp" and collect):
       # The classifier consumes spikes token by token; pooling is additions. Linear, so training
@@ -268,7 +268,8 @@ class Ge2msT(nnx.Module):
 
 
 @nnx.remat(static_argnums=(3,), policy=remat_policy)
-def _remat_call(block, x, alpha, mode):
+def remat_call(block, x, alpha, mode):
+  """`block(x)` rematerialised as `remat='block'` runs it: only synaptic sums and reductions kept."""
   return block(x, mode=mode, alpha=alpha)
 
 
