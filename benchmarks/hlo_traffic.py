@@ -63,10 +63,10 @@ def entry_instructions(hlo_text: str) -> list[tuple[str, str, str, list[str]]]:
 def traffic(hlo_text: str) -> dict:
   """Bytes each memory space moves in the program's entry computation.
 
-  Returns `{"hbm_bytes", "on_chip_bytes", "other_bytes", "hbm_bytes_by_op", "while_loops"}`. An async copy or
-  slice (`*-start`) counts the array it moves once at its source and once at its destination,
-  each in its own memory space (a prefetch into VMEM is one HBM read); every other instruction
-  counts its outputs and each operand's whole array.
+  Returns `{"hbm_bytes", "on_chip_bytes", "other_bytes", "hbm_bytes_by_op", "while_loops"}`.
+  An async copy or slice (`*-start`) counts the array it moves once at its source and once at
+  its destination, each in its own memory space (a prefetch into VMEM is one HBM read); every
+  other instruction counts its outputs and each operand's whole array.
   """
   instrs = entry_instructions(hlo_text)
   shapes = {name: shape for name, shape, _, _ in instrs}

@@ -124,8 +124,9 @@ def test_hlo_traffic_splits_bytes_by_memory_space():
   """HBM: the two slices read from x (32 B each) and the fusion's weight (32 B) and output (64 B).
   On chip: the slices' VMEM halves (32 B each), the join (in 64 B, out 64 B), the fusion's input
   (64 B). The fused computation's own parameters are not traffic of the program."""
-  sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-  import hlo_traffic
+  spec = importlib.util.spec_from_file_location("hlo_traffic", os.path.join(ROOT, "benchmarks", "hlo_traffic.py"))
+  hlo_traffic = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(hlo_traffic)
   t = hlo_traffic.traffic(_HLO)
   assert t["hbm_bytes"] == 32 + 32 + 32 + 64
   assert t["on_chip_bytes"] == 32 + 32 + 64 + 64 + 64
