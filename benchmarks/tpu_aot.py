@@ -269,33 +269,37 @@ def parse_blocks(spec: str, net) -> tuple[int, int, int]:
   return stage - 1, a, b
 
 
-def probe_blocks(model: str, topology: str, per_chip_batch: int, dtype: str, specs: str,
-                 image_size: int | None = None, hlo_dir: str | None = None, remat: str = "none") -> list[dict]:
-  """One row per `STAGE:FIRST:END` in the comma-separated `specs` (`probe_block`)."""
-  return [probe_block(model, topology, per_chip_batch, dtype, spec, image_size, hlo_dir, remat)
-          for spec in filter(None, specs.split(","))]
+def block_network(model: str, per_chip_batch: int, dtype: str, image_size: int | None, remat: str, specs: str):
+  """`(cfg, network shapes, [(stage, first, end), ...])` for `--blocks`; a bad range is a one-line
+  error, raised before libtpu starts."""
+  cfg = make_config(model, per_chip_batch, dtype, 1, image_size, remat)
+  net = nnx.eval_shape(lambda: models.model_from_config(cfg))
+  return cfg, net, [parse_blocks(spec, net) for spec in filter(None, specs.split(","))]
 
 
-def probe_block(model: str, topology: str, per_chip_batch: int, dtype: str, spec: str,
-                image_size: int | None = None, hlo_dir: str | None = None, remat: str = "none") -> dict:
-  """Compiles the training forward and backward pass of a few blocks alone, on one chip: where a
-  whole step's bytes go, block by block, at a fraction of its compile time.
+def probe_blocks(cfg, net, ranges, topology: str, hlo_dir: str | None = None) -> list[dict]:
+  """One row per `(stage, first, end)` of `ranges` (`block_network`), each compiled alone on one
+  chip of `topology`: where a whole step's bytes go, block by block, at a fraction of its compile
+  time.
 
   The blocks run as in the train step (quantize mode, a traced alpha, batch statistics, the
   model's remat) on an input of the shape and dtype the preceding layers hand them, with a
   float32 cotangent on their output; gradients are taken for their parameters and their input."""
   gen, _ = parse_topology(topology)
-  devices = topology_devices(topology)[:1]
-  rep = NamedSharding(jax.sharding.Mesh(np.array(devices), ("data",)), P())
-  cfg = make_config(model, per_chip_batch, dtype, 1, image_size, remat)
-  net = nnx.eval_shape(lambda: models.model_from_config(cfg))
-  stage, a, b = parse_blocks(spec, net)
-  size = cfg.data.image_size
+  rep = NamedSharding(jax.sharding.Mesh(np.array(topology_devices(topology)[:1]), ("data",)), P())
+  return [_probe_block(cfg, net, r, topology, CHIP_SPECS[gen], rep, hlo_dir) for r in ranges]
+
+
+def _probe_block(cfg, net, block_range, topology, chip, rep, hlo_dir) -> dict:
+  stage, a, b = block_range
+  model, dtype, remat = cfg.model.name, cfg.model.arch.dtype, cfg.model.arch.remat
+  per_chip_batch, size = cfg.batch_size, cfg.data.image_size
+  chosen = list(net.stages[stage])[a:b]
 
   def block_input(net, images):   # what the blocks before `a` hand on (shapes only)
     x = net.stem(images.astype(np.float32))
-    for si, blocks in enumerate(net.stages):
-      for bi, block in enumerate(blocks):
+    for si, stage_blocks in enumerate(net.stages):
+      for bi, block in enumerate(stage_blocks):
         if (si, bi) == (stage, a):
           return x
         x = block(x, mode="quantize", alpha=0.5)
@@ -303,12 +307,12 @@ def probe_block(model: str, topology: str, per_chip_batch: int, dtype: str, spec
   graphdef, params = nnx.split(net)
   x = jax.eval_shape(lambda p, i: block_input(nnx.merge(graphdef, p), i), params,
                      jax.ShapeDtypeStruct((per_chip_batch, size, size, 3), np.float32))
-  graphdef, params = nnx.split(nnx.List(list(net.stages[stage])[a:b]))
+  graphdef, params = nnx.split(nnx.List(chosen))
 
   def forward(params, x, alpha):
     blocks = nnx.merge(graphdef, params)
     for block in blocks:
-      x = models.remat_call(block, x, alpha, "quantize") if remat == "block" else block(x, mode="quantize", alpha=alpha)
+      x = models.call_block(block, x, mode="quantize", alpha=alpha, remat=remat)
     return x, nnx.state(blocks)
 
   def step(params, x, cotangent, alpha):
@@ -325,9 +329,9 @@ def probe_block(model: str, topology: str, per_chip_batch: int, dtype: str, spec
   t = time.perf_counter()
   compiled = jax.jit(step).lower(*args).compile()
   compile_s = time.perf_counter() - t
-  row, text = analyse(compiled, per_chip_batch, CHIP_SPECS[gen])
+  row, text = analyse(compiled, per_chip_batch, chip)
   name = f"blocks {stage + 1}:{a}:{b}"
-  kinds = [type(block).__name__ for block in list(net.stages[stage])[a:b]]
+  kinds = [type(block).__name__ for block in chosen]
   row = {"model": model, "topology": topology, "chips": 1, "dtype": dtype, "global_batch": per_chip_batch,
          "per_chip_batch": per_chip_batch, "fsdp": 1, "image_size": size, "remat": remat, "step": name,
          "blocks": kinds, "block_input_shape": list(x.shape), **row, "compile_s": compile_s}
@@ -365,17 +369,14 @@ def main(argv=None):
     raise SystemExit(f"error: --steps: unknown {bad}; use some of {','.join(STEPS)}.")
   if a.smoke:
     a.model, a.global_batch, a.image_size = "ge2mst_tiny", 8, 32
-  if a.blocks:   # a bad range is a one-line error before libtpu starts (the network's shapes only)
-    cfg = make_config(a.model, a.global_batch, a.dtype, 1, a.image_size, a.remat)
-    net = nnx.eval_shape(lambda: models.model_from_config(cfg))
-    for spec in a.blocks.split(","):
-      parse_blocks(spec, net)
+  if a.blocks:   # the network's shapes only: a bad range fails before libtpu starts
+    blocks = block_network(a.model, a.global_batch, a.dtype, a.image_size, a.remat, a.blocks)
   try:
     import libtpu  # noqa: F401
   except ImportError:
     raise SystemExit('error: libtpu is not installed: pip install -e ".[tpu]" (the TPU compiler; no TPU needed).')
   if a.blocks:
-    rows = probe_blocks(a.model, a.topology, a.global_batch, a.dtype, a.blocks, a.image_size, a.hlo_dir, a.remat)
+    rows = probe_blocks(*blocks, a.topology, a.hlo_dir)
   else:
     rows = probe(a.model, a.topology, a.global_batch, a.dtype, a.fsdp, steps, a.image_size, a.hlo_dir, a.remat)
   bench_lib.print_table(rows, [("step", "step", "s"), ("topology", "topology", "s"), ("batch", "global_batch", "d"),

@@ -252,10 +252,9 @@ class Ge2msT(nnx.Module):
     x = self.stem(x, collect=collect)
     if mode == "stbp":  # direct encoding: the stem's output is the input current of every step
       x = jnp.broadcast_to(x, (self.cfg.T, *x.shape))
-    remat = self.cfg.remat == "block" and mode != "spike" and not collect
     for stage in self.stages:
       for block in stage:
-        x = remat_call(block, x, alpha, mode) if remat else block(x, **kw)
+        x = call_block(block, x, remat=self.cfg.remat, **kw)
     s = self.head_if(x, **kw)
     if mode == "spike" or (mode == "stbp" and collect):
       # The classifier consumes spikes token by token; pooling is additions. Linear, so training
@@ -267,9 +266,16 @@ class Ge2msT(nnx.Module):
     return jnp.mean(logits, axis=0) if mode == "stbp" else logits
 
 
+def call_block(block, x, *, mode: str, alpha, collect: bool = False, remat: str = "none"):
+  """One block as the network runs it: rematerialised under `remat='block'` when training (spike
+  mode and the instrumented passes keep nothing for a backward pass)."""
+  if remat == "block" and mode != "spike" and not collect:
+    return _remat_call(block, x, alpha, mode)
+  return block(x, mode=mode, alpha=alpha, collect=collect)
+
+
 @nnx.remat(static_argnums=(3,), policy=remat_policy)
-def remat_call(block, x, alpha, mode):
-  """`block(x)` rematerialised as `remat='block'` runs it: only synaptic sums and reductions kept."""
+def _remat_call(block, x, alpha, mode):
   return block(x, mode=mode, alpha=alpha)
 
 
