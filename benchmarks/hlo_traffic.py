@@ -82,13 +82,12 @@ def traffic(hlo_text: str) -> dict:
     if op in _FREE or op.endswith("-done"):
       continue
     if op in ("copy-start", "slice-start"):
-      # Output: (source alias, destination, sync flag); the destination is what is moved.
-      moved = [a for a in arrays(shape)[1:] if a[1] != OTHER][:1] or arrays(shape)[1:2]
-      src = arrays(shapes.get(operands[0], "")) if operands else []
-      if moved:
-        nbytes, dst_space = moved[0]
-        add(op, nbytes, src[0][1] if src else HBM)
-        add(op, nbytes, dst_space)
+      # Output: copy-start (destination, source, context), slice-start ((source), destination,
+      # context). The moved array is read in one space and written in the other, once each; its
+      # size is the second array's (a slice's source is larger than what moves).
+      (_, first_space), (nbytes, second_space) = arrays(shape)[:2]
+      add(op, nbytes, first_space)
+      add(op, nbytes, second_space)
       continue
     for nbytes, space in arrays(shape):
       add(op, nbytes, space)

@@ -134,3 +134,20 @@ def test_hlo_traffic_splits_bytes_by_memory_space():
   assert hlo_traffic.arrays("(f32[]{:T(128)}, bf16[2,3]{1,0:T(8,128)(2,1)S(1)})") == [(4, 0), (12, 1)]
   with pytest.raises(ValueError, match="No ENTRY computation"):
     hlo_traffic.traffic("HloModule m\n")
+
+
+def test_hlo_traffic_counts_an_async_copy_once_in_each_memory_space():
+  """XLA's copy-start returns (destination, source, context), slice-start ((source), destination,
+  context): a prefetch of the weight into VMEM is one HBM read (32 B) and one VMEM write (32 B),
+  and the fusion then reads the weight from VMEM."""
+  spec = importlib.util.spec_from_file_location("hlo_traffic", os.path.join(ROOT, "benchmarks", "hlo_traffic.py"))
+  hlo_traffic = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(hlo_traffic)
+  prefetched = _HLO.replace(
+      "  ROOT %fusion = bf16[4,8]{1,0:T(8,128)(2,1)} fusion(%custom-call, %w.1)",
+      "  %copy-start = (f32[8]{0:T(128)S(1)}, f32[8]{0:T(128)}, u32[]{:S(2)}) copy-start(%w.1)\n"
+      "  %copy-done = f32[8]{0:T(128)S(1)} copy-done(%copy-start)\n"
+      "  ROOT %fusion = bf16[4,8]{1,0:T(8,128)(2,1)} fusion(%custom-call, %copy-done)")
+  t = hlo_traffic.traffic(prefetched)
+  assert t["hbm_bytes_by_op"] == {"fusion": 64, "slice-start": 64, "copy-start": 32}
+  assert t["on_chip_bytes"] == 32 + 32 + 64 + 64 + 64 + 32 + 32
