@@ -173,7 +173,7 @@ def test_gradients_are_finite_differences_where_defined(symmetric):
     f = lambda x, l: jnp.where(inside, surrogate(x, l), Q(x, l))
     fd_x = (f(x + h, lam) - f(x - h, lam)) / (2 * h)
     fd_lam = (f(x, lam + h) - f(x, lam - h)) / (2 * h)
-  assert int(inside.sum()) > 50 and int((a > lam).sum()) > 50                        # both regions probed
+    assert int(inside.sum()) > 50 and int((a > lam).sum()) > 50                      # both regions probed
   np.testing.assert_allclose(gx, fd_x, atol=1e-8)
   np.testing.assert_allclose(glam, fd_lam, atol=1e-8)
 
