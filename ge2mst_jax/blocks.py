@@ -16,6 +16,7 @@ With `collect=True` the layer sows into `SpikeStats` its exact synaptic-operatio
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -55,6 +56,7 @@ def grid_unit(neuron, mode: str, alpha, dtype):
 
 
 DEPTHWISE = ("shifts", "conv")
+KERNEL_GRADS = ("conv", "taps")
 SYNAPTIC_OUT = "synaptic_out"   # the checkpoint name of a synaptic layer's sum, before BatchNorm
 
 
@@ -81,14 +83,20 @@ class Compute:
     float32 beside bf16 synapses.
   depthwise: 'shifts' (k*k shifted multiply-adds: XLA:CPU's grouped convolution is several
     times slower) or 'conv' (a grouped convolution, what TPUs and GPUs run best).
+  kernel_grad: how a dense k x k convolution's kernel gradient is computed: 'conv' (XLA's
+    convolution over the output's whole window, what TPUs and GPUs run best) or 'taps' (one
+    matmul per kernel tap, `conv_kernel_grad`: 2-4x faster on XLA:CPU).
   """
   dtype: Any = jnp.float32
   activations: Any = None
   depthwise: str = "shifts"
+  kernel_grad: str = "conv"
 
   def __post_init__(self):
     if self.depthwise not in DEPTHWISE:
       raise ValueError(f"Unknown depthwise form {self.depthwise!r}: use one of {DEPTHWISE}.")
+    if self.kernel_grad not in KERNEL_GRADS:
+      raise ValueError(f"Unknown kernel gradient form {self.kernel_grad!r}: use one of {KERNEL_GRADS}.")
 
   @property
   def acc_dtype(self):
@@ -134,7 +142,8 @@ _DN = ("NHWC", "HWIO", "NHWC")
 _kernel_init = nnx.initializers.variance_scaling(2.0, "fan_in", "truncated_normal")
 
 
-def conv2d(x, kernel, stride: int, groups: int, acc_dtype=None, depthwise: str = "shifts"):
+def conv2d(x, kernel, stride: int, groups: int, acc_dtype=None, depthwise: str = "shifts",
+           kernel_grad: str = "conv"):
   """NHWC convolution with symmetric 'same' padding (k // 2), identical in both modes.
 
   `acc_dtype`: the dtype products are accumulated and returned in (default: the operands').
@@ -142,7 +151,8 @@ def conv2d(x, kernel, stride: int, groups: int, acc_dtype=None, depthwise: str =
   also keeps the sum of a bf16 layer from being rounded to bf16 once per spike step.
   A depthwise kernel (one filter per channel) is applied as k*k shifted multiply-adds with
   `depthwise='shifts'` (XLA's CPU grouped convolution is several times slower, most of all in
-  the backward pass), as a grouped convolution with 'conv'.
+  the backward pass), as a grouped convolution with 'conv'. `kernel_grad='taps'`: a dense
+  kernel's gradient as one matmul per tap (`conv_kernel_grad`); the forward pass is the same.
   """
   k = kernel.shape[0]
   if k == 1 and groups == 1:
@@ -151,9 +161,55 @@ def conv2d(x, kernel, stride: int, groups: int, acc_dtype=None, depthwise: str =
     return jnp.einsum("...c,cd->...d", x[..., ::stride, ::stride, :], kernel[0, 0], preferred_element_type=acc_dtype)
   if depthwise == "shifts" and groups > 1 and groups == x.shape[-1] == kernel.shape[-1] and kernel.shape[2] == 1:
     return depthwise_conv2d(x, kernel, stride, acc_dtype)
+  # An image's 3 channels make every tap's product 3 rows tall; XLA's convolution is as fast there.
+  if kernel_grad == "taps" and groups == 1 and kernel.shape[2] >= 8:
+    return _conv_tap_grads(x, kernel, stride, acc_dtype)
+  return _conv(x, kernel, stride, groups, acc_dtype)
+
+
+def _conv(x, kernel, stride, groups, acc_dtype):
+  k = kernel.shape[0]
   pad = ((k // 2, k // 2), (k // 2, k // 2))
   return jax.lax.conv_general_dilated(x, kernel, (stride, stride), pad, dimension_numbers=_DN,
                                       feature_group_count=groups, preferred_element_type=acc_dtype)
+
+
+def conv_kernel_grad(x, g, k: int, stride: int = 1):
+  """The kernel gradient of a 'same' k x k convolution `y = conv2d(x, kernel, stride, 1)` with
+  output cotangent `g`: for each tap, the input pixels that tap reads times `g`, summed over
+  batch and pixels: `k*k` matmuls `[C_out, N] @ [N, C_in]`, N = batch x output pixels.
+
+  XLA's own form is a convolution whose window is the whole output map, which XLA:CPU runs at
+  a fraction of its matmul rate (ge2mst_small's Stage 1 at batch 8: 17-34 GFLOP/s against
+  70-115 for the taps, 2026-12-02). Products accumulate in at least float32; returns
+  `[k, k, C_in, C_out]` in that dtype.
+  """
+  p, (H, W) = k // 2, g.shape[-3:-1]
+  xp = jnp.pad(x, [(0, 0)] * (x.ndim - 3) + [(p, p), (p, p), (0, 0)])
+  acc = jnp.promote_types(jnp.result_type(x, g), jnp.float32)
+  span_h, span_w = stride * (H - 1) + 1, stride * (W - 1) + 1
+  taps = [jnp.einsum("...hwd,...hwc->dc", g, xp[..., dy:dy + span_h:stride, dx:dx + span_w:stride, :],
+                     preferred_element_type=acc)   # g first: the dot reads x's pixels as rows, no transpose
+          for dy in range(k) for dx in range(k)]
+  return jnp.stack(taps).reshape(k, k, g.shape[-1], x.shape[-1]).swapaxes(-1, -2)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv_tap_grads(x, kernel, stride, acc_dtype):
+  return _conv(x, kernel, stride, 1, acc_dtype)
+
+
+def _conv_tap_grads_fwd(x, kernel, stride, acc_dtype):
+  return _conv(x, kernel, stride, 1, acc_dtype), (x, kernel)
+
+
+def _conv_tap_grads_bwd(stride, acc_dtype, res, g):
+  x, kernel = res
+  (dx,) = jax.vjp(lambda x: _conv(x, kernel, stride, 1, acc_dtype), x)[1](g)   # XLA's input gradient
+  return dx, conv_kernel_grad(x, g, kernel.shape[0], stride).astype(kernel.dtype)
+
+
+_conv_tap_grads.defvjp(_conv_tap_grads_fwd, _conv_tap_grads_bwd)
 
 
 def depthwise_conv2d(x, kernel, stride: int = 1, acc_dtype=None):
@@ -224,6 +280,7 @@ class SynapticConv(nnx.Module):
     if cin % groups or cout % groups:
       raise ValueError(f"SynapticConv: channels {cin}->{cout} not divisible by groups={groups}.")
     self.stride, self.groups, self.dtype, self.depthwise = stride, groups, jnp.dtype(compute.dtype), compute.depthwise
+    self.kernel_grad = compute.kernel_grad
     self.acc_dtype, self.out_dtype = compute.acc_dtype, compute.out_dtype
     self.kernel = nnx.Param(_kernel_init(rngs.params(), (kernel, kernel, cin // groups, cout)))
     self.bias = nnx.Param(jnp.zeros((cout,))) if bias else None
@@ -262,7 +319,7 @@ class SynapticConv(nnx.Module):
     else:
       xs = x if unit is None else grid_codes(x, unit)
       y = conv2d(xs.astype(self.dtype), self.kernel[...].astype(self.dtype), self.stride, self.groups, self.acc_dtype,
-                 self.depthwise)
+                 self.depthwise, self.kernel_grad)
       if unit is not None:
         y = y * unit.astype(self.acc_dtype)
     # Bias and BatchNorm after the accumulation, the same arithmetic in both modes (spike mode on

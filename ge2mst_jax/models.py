@@ -19,8 +19,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ge2mst_jax.attention import AttentionBlock, SpikingAttention, check_divisible
-from ge2mst_jax.blocks import (DEPTHWISE, PARADIGMS, SFFN, Compute, EventFrameAdapter, SConv, Stem, SynapticConv,
-                               make_neuron, name_layers, remat_policy)
+from ge2mst_jax.blocks import (DEPTHWISE, KERNEL_GRADS, PARADIGMS, SFFN, Compute, EventFrameAdapter, SConv, Stem,
+                               SynapticConv, make_neuron, name_layers, remat_policy)
 from ge2mst_jax.neurons import INTEGRATIONS, METHODS, check_tk
 from ge2mst_jax.stbp import RESETS, SURROGATES
 
@@ -64,6 +64,9 @@ class ArchConfig:
   # Depthwise convolutions: 'shifts' (shifted multiply-adds, fastest on CPU) | 'conv' (a grouped conv, for
   # TPU/GPU) | 'auto' ('shifts' where JAX's default backend is the CPU, else 'conv'; decided at build time).
   depthwise: str = "auto"
+  # Dense convolutions' kernel gradients: 'conv' (XLA's convolution; for TPU/GPU) | 'taps' (one matmul per kernel
+  # tap, 2-4x faster on XLA:CPU; the same gradients up to float rounding) | 'auto' ('taps' on the CPU, else 'conv').
+  conv_kernel_grad: str = "auto"
   # Training memory: 'none' (autodiff keeps what it keeps) | 'block' (each block rematerialised, keeping only
   # its synaptic sums and BatchNorm statistics: about half the memory, ~10 % more HBM traffic and a little
   # more compute; for a network that does not fit otherwise, e.g. ge2mst_large at 256 images per v5e chip).
@@ -99,6 +102,8 @@ class ArchConfig:
       raise ValueError(f"ArchConfig.remat={self.remat!r}: use one of {REMATS}.")
     if self.depthwise not in ("auto",) + DEPTHWISE:
       raise ValueError(f"ArchConfig.depthwise={self.depthwise!r}: use 'auto' or one of {DEPTHWISE}.")
+    if self.conv_kernel_grad not in ("auto",) + KERNEL_GRADS:
+      raise ValueError(f"ArchConfig.conv_kernel_grad={self.conv_kernel_grad!r}: use 'auto' or one of {KERNEL_GRADS}.")
     if "float64" in (self.dtype, self.activation_dtype) and not jax.config.jax_enable_x64:
       raise ValueError("ArchConfig.dtype='float64' needs 64-bit JAX: set JAX_ENABLE_X64=1 or run inside "
                        "`with jax.enable_x64(True):`.")
@@ -129,11 +134,11 @@ class ArchConfig:
   @property
   def compute(self) -> Compute:
     """How the synaptic layers compute (blocks.Compute), with 'same' and 'auto' resolved."""
-    depthwise = self.depthwise
-    if depthwise == "auto":
-      depthwise = "shifts" if jax.default_backend() == "cpu" else "conv"
+    cpu = jax.default_backend() == "cpu"
+    depthwise = ("shifts" if cpu else "conv") if self.depthwise == "auto" else self.depthwise
+    kernel_grad = ("taps" if cpu else "conv") if self.conv_kernel_grad == "auto" else self.conv_kernel_grad
     act = self.dtype if self.activation_dtype == "same" else self.activation_dtype
-    return Compute(jnp.dtype(self.dtype), jnp.dtype(act), depthwise)
+    return Compute(jnp.dtype(self.dtype), jnp.dtype(act), depthwise, kernel_grad)
 
   @property
   def train_mode(self) -> str:

@@ -230,6 +230,48 @@ def test_activation_dtype_is_what_layers_hand_on():
     models.arch_config("ge2mst_tiny", depthwise="fft")
   with pytest.raises(ValueError, match="remat='all'"):
     models.arch_config("ge2mst_tiny", remat="all")
+  with pytest.raises(ValueError, match="conv_kernel_grad='im2col'"):
+    models.arch_config("ge2mst_tiny", conv_kernel_grad="im2col")
+
+
+@pytest.mark.parametrize("k,stride,size", [(3, 1, 8), (3, 2, 8), (3, 2, 7), (5, 2, 9), (1, 1, 5)])
+def test_conv_kernel_grad_is_the_convolutions_kernel_gradient(k, stride, size):
+  """One matmul per tap gives XLA's kernel gradient, odd sizes and the strided edge included, and
+  the taps form of conv2d has the convolution's value and input gradient."""
+  kx, kk, kg = jax.random.split(jax.random.key(0), 3)
+  x = jax.random.normal(kx, (2, size, size, 8))
+  kernel = jax.random.normal(kk, (k, k, 8, 6))
+  y, vjp = jax.vjp(lambda x, w: blocks.conv2d(x, w, stride, 1), x, kernel)
+  g = jax.random.normal(kg, y.shape)
+  dx, dk = vjp(g)
+  np.testing.assert_allclose(blocks.conv_kernel_grad(x, g, k, stride), dk, rtol=1e-5, atol=1e-4)
+  y_taps, vjp_taps = jax.vjp(lambda x, w: blocks.conv2d(x, w, stride, 1, kernel_grad="taps"), x, kernel)
+  np.testing.assert_array_equal(y_taps, y)
+  dx_taps, dk_taps = vjp_taps(g)
+  np.testing.assert_array_equal(dx_taps, dx)
+  np.testing.assert_allclose(dk_taps, dk, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_network_gradients_are_the_same_with_tap_kernel_gradients(dtype):
+  """conv_kernel_grad='taps' (the CPU default) and 'conv' (TPU/GPU) train the same network: equal
+  forward, equal gradients up to the order of float32 sums (bf16 kernels: up to one bf16 rounding
+  of each gradient element)."""
+  assert models.arch_config("ge2mst_tiny").compute.kernel_grad == "taps"
+  x = jax.random.normal(jax.random.key(3), (4, 16, 16, 3))
+  out = {}
+  for form in ("conv", "taps"):
+    model = models.create_model("ge2mst_tiny", 10, nnx.Rngs(0), image_size=16, conv_kernel_grad=form, dtype=dtype)
+    loss = lambda m: jnp.sum(m(x, mode="quantize", alpha=jnp.float32(0.5)).astype(jnp.float32) ** 2)
+    value, grads = nnx.jit(nnx.value_and_grad(loss))(model)
+    out[form] = value, dict(nnx.to_flat_state(grads))
+  assert out["taps"][0] == out["conv"][0]
+  tol = 1e-4 if dtype == "float32" else 2 ** -7
+  dense = [p for p in out["conv"][1] if p[-1] == "kernel" and out["conv"][1][p].shape[0] > 1]
+  assert len(dense) >= 4     # the stem, Stage 1's and the downsampling convolutions
+  for path, g in out["conv"][1].items():
+    a, b = np.asarray(g[...], np.float32), np.asarray(out["taps"][1][path][...], np.float32)
+    np.testing.assert_allclose(b, a, rtol=tol, atol=tol * float(np.abs(a).max()), err_msg=str(path))
 
 
 def test_depthwise_as_grouped_convolution_equals_shifted_adds():
