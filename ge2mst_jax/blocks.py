@@ -219,11 +219,18 @@ def depthwise_conv2d(x, kernel, stride: int = 1, acc_dtype=None):
   exact in float32, so only the additions round, as in a convolution unit. Named scope
   'depthwise': these multiplies are synaptic operations (the spike audit looks for them).
   """
-  k, p = kernel.shape[0], kernel.shape[0] // 2
-  H, W = x.shape[-3:-1]
   if acc_dtype is not None:
     x, kernel = x.astype(acc_dtype), kernel.astype(acc_dtype)
-  xp = jnp.pad(x, [(0, 0)] * (x.ndim - 3) + [(p, p), (p, p), (0, 0)])
+  return _depthwise_same(x, kernel) if stride == 1 else _shifted_sum(x, kernel, stride)
+
+
+def _pad_same(x, k):
+  return jnp.pad(x, [(0, 0)] * (x.ndim - 3) + [(k // 2, k // 2)] * 2 + [(0, 0)])
+
+
+def _shifted_sum(x, kernel, stride):
+  k, (H, W) = kernel.shape[0], x.shape[-3:-1]
+  xp = _pad_same(x, k)
   out = None
   with jax.named_scope("depthwise"):
     for dy in range(k):
@@ -231,6 +238,30 @@ def depthwise_conv2d(x, kernel, stride: int = 1, acc_dtype=None):
         term = xp[..., dy:dy + H:stride, dx:dx + W:stride, :] * kernel[dy, dx, 0]
         out = term if out is None else out + term
   return out
+
+
+@jax.custom_vjp
+def _depthwise_same(x, kernel):
+  """Stride 1. Autodiff of the shifted sum keeps the k*k shifted copies of `x` for the kernel
+  gradient (XLA writes each out: k*k times the activation's memory); this keeps `x` alone."""
+  return _shifted_sum(x, kernel, 1)
+
+
+def _depthwise_same_fwd(x, kernel):
+  return _shifted_sum(x, kernel, 1), (x, kernel)
+
+
+def _depthwise_same_bwd(res, g):
+  x, kernel = res
+  k, (H, W) = kernel.shape[0], x.shape[-3:-1]
+  dx = _shifted_sum(g, kernel[::-1, ::-1], 1)   # a correlation's transpose: the flipped kernel
+  xp = _pad_same(x, k)
+  batch = tuple(range(x.ndim - 1))
+  dk = jnp.stack([jnp.sum(xp[..., dy:dy + H, dx_:dx_ + W, :] * g, axis=batch) for dy in range(k) for dx_ in range(k)])
+  return dx, dk.reshape(kernel.shape).astype(kernel.dtype)
+
+
+_depthwise_same.defvjp(_depthwise_same_fwd, _depthwise_same_bwd)
 
 
 def integrate_steps(per_step: jax.Array, scale: jax.Array) -> jax.Array:

@@ -274,6 +274,28 @@ def test_network_gradients_are_the_same_with_tap_kernel_gradients(dtype):
     np.testing.assert_allclose(b, a, rtol=tol, atol=tol * float(np.abs(a).max()), err_msg=str(path))
 
 
+@pytest.mark.parametrize("k,size,dtype", [(3, 8, "float32"), (3, 7, "float32"), (5, 6, "float32"), (3, 8, "bfloat16")])
+def test_depthwise_shifted_adds_have_the_grouped_convolutions_gradients(k, size, dtype):
+  """The shifted sum's own backward pass (the flipped kernel for the input, one reduction a tap
+  for the kernel) gives the gradients of a grouped convolution and of autodiff through the shifts."""
+  kx, kk, kg = jax.random.split(jax.random.key(1), 3)
+  x = jax.random.normal(kx, (2, size, size, 6)).astype(dtype)
+  kernel = jax.random.normal(kk, (k, k, 1, 6)).astype(dtype)
+  g = jax.random.normal(kg, (2, size, size, 6), jnp.float32)
+  forms = {"shifts": lambda x, w: blocks.conv2d(x, w, 1, 6, jnp.float32),
+           "autodiff": lambda x, w: blocks._shifted_sum(x.astype(jnp.float32), w.astype(jnp.float32), 1),
+           "conv": lambda x, w: blocks.conv2d(x, w, 1, 6, jnp.float32, depthwise="conv")}
+  out = {name: jax.vjp(f, x, kernel) for name, f in forms.items()}
+  grads = {name: vjp(g) for name, (_, vjp) in out.items()}
+  np.testing.assert_array_equal(out["shifts"][0], out["autodiff"][0])
+  for name in ("autodiff", "conv"):
+    for ours, theirs in zip(grads["shifts"], grads[name]):
+      assert ours.dtype == theirs.dtype == jnp.dtype(dtype)
+      tol = 1e-5 if dtype == "float32" else 2 ** -7
+      np.testing.assert_allclose(np.asarray(ours, np.float32), np.asarray(theirs, np.float32), rtol=tol,
+                                 atol=tol * float(np.abs(np.asarray(theirs, np.float32)).max()))
+
+
 def test_depthwise_as_grouped_convolution_equals_shifted_adds():
   """depthwise='conv' (TPU/GPU) computes what 'shifts' (CPU) does, in both modes, and its spike
   mode still predicts quantize mode's; 'auto' picks 'shifts' on this CPU backend."""
