@@ -129,12 +129,14 @@ def topology_devices(topology: str) -> list:
 
 def make_config(model: str, global_batch: int, dtype: str, fsdp: int, image_size: int | None, remat: str = "none"):
   """configs/imagenet2012's recipe for `model` (what train.py runs on ImageNet) at the model's own
-  image size unless `image_size` is given. Depthwise convolutions are grouped convolutions, as
-  `depthwise='auto'` builds them on a TPU host (this process's JAX backend is the CPU)."""
+  image size unless `image_size` is given. Depthwise convolutions are grouped convolutions and
+  kernel gradients XLA's, as `depthwise='auto'` and `conv_kernel_grad='auto'` build them on a TPU
+  host (this process's JAX backend is the CPU)."""
   size = image_size or models.arch_config(model).image_size
   cfg = imagenet2012.get_config(f"{model.removeprefix('ge2mst_')},batch={global_batch}")
   cfg.model.name = model
-  cfg.model.arch = config_common.arch_dict(model, image_size=size, dtype=dtype, depthwise="conv", remat=remat)
+  cfg.model.arch = config_common.arch_dict(model, image_size=size, dtype=dtype, depthwise="conv",
+                                             conv_kernel_grad="conv", remat=remat)
   cfg.data.image_size = size
   cfg.eval_batch_size = global_batch
   cfg.mesh.fsdp = fsdp
