@@ -85,7 +85,7 @@ class Compute:
     times slower) or 'conv' (a grouped convolution, what TPUs and GPUs run best).
   kernel_grad: how a dense k x k convolution's kernel gradient is computed: 'conv' (XLA's
     convolution over the output's whole window, what TPUs and GPUs run best) or 'taps' (one
-    matmul per kernel tap, `conv_kernel_grad`: 2-4x faster on XLA:CPU).
+    matmul per kernel tap, `conv_kernel_grad`: 1.6-3x faster on XLA:CPU).
   """
   dtype: Any = jnp.float32
   activations: Any = None

@@ -65,7 +65,7 @@ class ArchConfig:
   # TPU/GPU) | 'auto' ('shifts' where JAX's default backend is the CPU, else 'conv'; decided at build time).
   depthwise: str = "auto"
   # Dense convolutions' kernel gradients: 'conv' (XLA's convolution; for TPU/GPU) | 'taps' (one matmul per kernel
-  # tap, 2-4x faster on XLA:CPU; the same gradients up to float rounding) | 'auto' ('taps' on the CPU, else 'conv').
+  # tap, 1.6-3x faster on XLA:CPU; the same gradients up to float rounding) | 'auto' ('taps' on the CPU, else 'conv').
   conv_kernel_grad: str = "auto"
   # Training memory: 'none' (autodiff keeps what it keeps) | 'block' (each block rematerialised, keeping only
   # its synaptic sums and BatchNorm statistics: about half the memory, ~10 % more HBM traffic and a little
