@@ -184,13 +184,10 @@ def conv_kernel_grad(x, g, k: int, stride: int = 1):
   48-87 for the taps, 2026-12-02). Products accumulate in at least float32; returns
   `[k, k, C_in, C_out]` in that dtype.
   """
-  H, W = g.shape[-3:-1]
-  xp = _pad_same(x, k)
   acc = jnp.promote_types(jnp.result_type(x, g), jnp.float32)
-  span_h, span_w = stride * (H - 1) + 1, stride * (W - 1) + 1
-  taps = [jnp.einsum("...hwd,...hwc->dc", g, xp[..., dy:dy + span_h:stride, dx:dx + span_w:stride, :],
-                     preferred_element_type=acc)   # g first: the dot reads x's pixels as rows, no transpose
-          for dy in range(k) for dx in range(k)]
+  # g first: the dot reads x's pixels as rows, no transpose.
+  taps = [jnp.einsum("...hwd,...hwc->dc", g, window, preferred_element_type=acc)
+          for window in _tap_windows(x, k, stride, g.shape[-3:-1])]
   return jnp.stack(taps).reshape(k, k, g.shape[-1], x.shape[-1]).swapaxes(-1, -2)
 
 
@@ -224,19 +221,21 @@ def depthwise_conv2d(x, kernel, stride: int = 1, acc_dtype=None):
   return _depthwise_same(x, kernel) if stride == 1 else _shifted_sum(x, kernel, stride)
 
 
-def _pad_same(x, k):
-  return jnp.pad(x, [(0, 0)] * (x.ndim - 3) + [(k // 2, k // 2)] * 2 + [(0, 0)])
+def _tap_windows(x, k: int, stride: int, out_hw) -> list:
+  """The window of `x` (zero-padded 'same') that each tap of a k x k kernel reads for an output
+  of spatial size `out_hw`, in the kernel's (dy, dx) order."""
+  xp = jnp.pad(x, [(0, 0)] * (x.ndim - 3) + [(k // 2, k // 2)] * 2 + [(0, 0)])
+  span_h, span_w = (stride * (n - 1) + 1 for n in out_hw)
+  return [xp[..., dy:dy + span_h:stride, dx:dx + span_w:stride, :] for dy in range(k) for dx in range(k)]
 
 
 def _shifted_sum(x, kernel, stride):
   k, (H, W) = kernel.shape[0], x.shape[-3:-1]
-  xp = _pad_same(x, k)
   out = None
   with jax.named_scope("depthwise"):
-    for dy in range(k):
-      for dx in range(k):
-        term = xp[..., dy:dy + H:stride, dx:dx + W:stride, :] * kernel[dy, dx, 0]
-        out = term if out is None else out + term
+    for i, window in enumerate(_tap_windows(x, k, stride, (-(-H // stride), -(-W // stride)))):
+      term = window * kernel[i // k, i % k, 0]
+      out = term if out is None else out + term
   return out
 
 
@@ -254,11 +253,9 @@ def _depthwise_same_fwd(x, kernel):
 
 def _depthwise_same_bwd(res, g):
   x, kernel = res
-  k, (H, W) = kernel.shape[0], x.shape[-3:-1]
   dx = _shifted_sum(g, kernel[::-1, ::-1], 1)   # a correlation's transpose: the flipped kernel
-  xp = _pad_same(x, k)
   batch = tuple(range(x.ndim - 1))
-  dk = jnp.stack([jnp.sum(xp[..., dy:dy + H, dx_:dx_ + W, :] * g, axis=batch) for dy in range(k) for dx_ in range(k)])
+  dk = jnp.stack([jnp.sum(w * g, axis=batch) for w in _tap_windows(x, kernel.shape[0], 1, x.shape[-3:-1])])
   return dx, dk.reshape(kernel.shape).astype(kernel.dtype)
 
 

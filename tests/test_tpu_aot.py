@@ -97,6 +97,15 @@ def test_unknown_topology_is_one_clear_line():
     assert r.returncode == 1 and r.stderr.strip() == message, r.stderr
 
 
+@pytest.fixture(scope="module")
+def hlo_traffic():
+  """benchmarks/hlo_traffic.py, loaded from its file (benchmarks/ is not a package)."""
+  spec = importlib.util.spec_from_file_location("hlo_traffic", os.path.join(ROOT, "benchmarks", "hlo_traffic.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
 # The shape of libtpu's as_text() (from a compiled GW-SSA block, trimmed): the input `x` in HBM,
 # prefetched into VMEM (S(1)) in two async slices, the halves joined there, one fusion reading
 # the VMEM copy and the HBM weight and writing its output to HBM.
@@ -120,13 +129,10 @@ ENTRY %main.1 (x.1: bf16[4,8], w.1: f32[8]) -> bf16[4,8] {
 """
 
 
-def test_hlo_traffic_splits_bytes_by_memory_space():
+def test_hlo_traffic_splits_bytes_by_memory_space(hlo_traffic):
   """HBM: the two slices read from x (32 B each) and the fusion's weight (32 B) and output (64 B).
   On chip: the slices' VMEM halves (32 B each), the join (in 64 B, out 64 B), the fusion's input
   (64 B). The fused computation's own parameters are not traffic of the program."""
-  spec = importlib.util.spec_from_file_location("hlo_traffic", os.path.join(ROOT, "benchmarks", "hlo_traffic.py"))
-  hlo_traffic = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(hlo_traffic)
   t = hlo_traffic.traffic(_HLO)
   assert t["hbm_bytes"] == 32 + 32 + 32 + 64
   assert t["on_chip_bytes"] == 32 + 32 + 64 + 64 + 64
@@ -136,13 +142,10 @@ def test_hlo_traffic_splits_bytes_by_memory_space():
     hlo_traffic.traffic("HloModule m\n")
 
 
-def test_hlo_traffic_counts_an_async_copy_once_in_each_memory_space():
+def test_hlo_traffic_counts_an_async_copy_once_in_each_memory_space(hlo_traffic):
   """XLA's copy-start returns (destination, source, context), slice-start ((source), destination,
   context): a prefetch of the weight into VMEM is one HBM read (32 B) and one VMEM write (32 B),
   and the fusion then reads the weight from VMEM."""
-  spec = importlib.util.spec_from_file_location("hlo_traffic", os.path.join(ROOT, "benchmarks", "hlo_traffic.py"))
-  hlo_traffic = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(hlo_traffic)
   prefetched = _HLO.replace(
       "  ROOT %fusion = bf16[4,8]{1,0:T(8,128)(2,1)} fusion(%custom-call, %w.1)",
       "  %copy-start = (f32[8]{0:T(128)S(1)}, f32[8]{0:T(128)}, u32[]{:S(2)}) copy-start(%w.1)\n"
