@@ -110,18 +110,21 @@ def _dense_macs(model, image_shape) -> dict:
 
   Spike mode counts otherwise where it computes otherwise (its classifier runs on every token
   before pooling). The counts depend on shapes alone: the forward is traced, and the compiled
-  program returns only constants, so XLA drops the network itself and nothing is computed.
+  program returns only constants, so XLA drops the network itself and nothing is computed. For
+  the same reason an abstract model (`nnx.eval_shape(lambda: create_model(...))`) serves as well
+  as one with weights: the forward is traced on zeros of the state's shapes.
   """
   graphdef, state = nnx.split(_in_eval_mode(model))
+  shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
   mode = model.cfg.train_mode
 
   @jax.jit
-  def counts(state):
-    m = nnx.merge(graphdef, state)
+  def counts():
+    m = nnx.merge(graphdef, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes))
     _, flat = capture_stats(lambda m, x: m(x, mode=mode, collect=True), m, jnp.zeros((1, *image_shape), jnp.float32))
     return {path: v for path, v in flat.items() if path[-1].endswith("macs")}
 
-  return jax.device_get(counts(state))
+  return jax.device_get(counts())
 
 
 def model_macs(model, image_shape) -> dict[str, float]:

@@ -122,9 +122,13 @@ def test_sops_scale_with_batch_as_documented(tiny):
   assert float(flat2[key]) == pytest.approx(2 * float(flat1[key]))
 
 
-def test_small_model_macs_at_224():
-  model = models.create_model("ge2mst_small", 1000, nnx.Rngs(0))
+def test_small_model_macs_at_224(tiny):
+  """MACs depend on shapes alone: an abstract model (no weights allocated) counts them, and counts
+  what the model with weights does."""
+  model = nnx.eval_shape(lambda: models.create_model("ge2mst_small", 1000, nnx.Rngs(0)))
   macs = energy.model_macs(model, (224, 224, 3))
+  abstract_tiny = nnx.eval_shape(lambda: models.create_model("ge2mst_tiny", 10, nnx.Rngs(0)))
+  assert energy.model_macs(abstract_tiny, (32, 32, 3)) == energy.model_macs(tiny, (32, 32, 3))
   print(f"ge2mst_small @224: {macs['macs_per_image'] / 1e9:.3f} G MACs, {macs['flops_per_image'] / 1e9:.3f} GFLOPs")
   assert macs["stem_macs_per_image"] == 112 * 112 * 32 * 7 * 7 * 3
   assert 0.5e9 < macs["macs_per_image"] < 3e9
