@@ -150,6 +150,18 @@ def test_spike_mode_equals_quantize_mode_float64(variant):
     np.testing.assert_array_equal(jnp.argmax(yq, -1), jnp.argmax(ys, -1))
 
 
+def _distinct_matmul_precisions() -> tuple[str, ...]:
+  """('bfloat16', 'highest'), or ('highest',) where a float32 product does not depend on the
+  setting (XLA:CPU), checked on a product whose operands bf16 cannot hold."""
+  a, b = jax.random.normal(jax.random.key(0), (64, 64)), jax.random.normal(jax.random.key(1), (64, 64))
+  product = jax.jit(lambda a, b: a @ b)
+  with jax.default_matmul_precision("bfloat16"):
+    low = product(a, b)
+  with jax.default_matmul_precision("highest"):
+    high = product(a, b)
+  return ("highest",) if np.array_equal(low, high) else ("bfloat16", "highest")
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_spike_mode_predicts_what_quantize_mode_predicts(dtype):
   """Random eval-mode ge2mst_tiny networks, 3 seeds x 64 images: spike mode's predictions are
@@ -183,18 +195,6 @@ def test_spike_mode_predicts_what_quantize_mode_predicts(dtype):
           f"difference median {np.median(rel):.1e}, max {rel.max():.1e}")
     assert agreement >= 0.99
     assert np.median(rel) < 1e-5 and np.mean(rel < 1e-5) >= 0.9
-
-
-def _distinct_matmul_precisions() -> tuple[str, ...]:
-  """('bfloat16', 'highest'), or ('highest',) where a float32 product does not depend on the
-  setting (XLA:CPU), checked on a product whose operands bf16 cannot hold."""
-  a, b = jax.random.normal(jax.random.key(0), (64, 64)), jax.random.normal(jax.random.key(1), (64, 64))
-  product = jax.jit(lambda a, b: a @ b)
-  with jax.default_matmul_precision("bfloat16"):
-    low = product(a, b)
-  with jax.default_matmul_precision("highest"):
-    high = product(a, b)
-  return ("highest",) if np.array_equal(low, high) else ("bfloat16", "highest")
 
 
 def test_bfloat16_synapses_accumulate_in_float32_on_exact_codes():
