@@ -127,16 +127,18 @@ def topology_devices(topology: str) -> list:
   return list(desc.devices)
 
 
-def make_config(model: str, global_batch: int, dtype: str, fsdp: int, image_size: int | None, remat: str = "none"):
+def make_config(model: str, global_batch: int, dtype: str, fsdp: int, image_size: int | None, remat: str = "none",
+                attention: str = "pallas"):
   """configs/imagenet2012's recipe for `model` (what train.py runs on ImageNet) at the model's own
-  image size unless `image_size` is given. Depthwise convolutions are grouped convolutions and
-  kernel gradients XLA's, as `depthwise='auto'` and `conv_kernel_grad='auto'` build them on a TPU
-  host (this process's JAX backend is the CPU)."""
+  image size unless `image_size` is given. Depthwise convolutions are grouped convolutions, kernel
+  gradients XLA's and GW-SSA's training core the Pallas kernel, as `depthwise='auto'`,
+  `conv_kernel_grad='auto'` and `attention_kernel='auto'` build them on a TPU host (this process's
+  JAX backend is the CPU); `attention='xla'` compiles the einsums instead."""
   size = image_size or models.arch_config(model).image_size
   cfg = imagenet2012.get_config(f"{model.removeprefix('ge2mst_')},batch={global_batch}")
   cfg.model.name = model
   cfg.model.arch = config_common.arch_dict(model, image_size=size, dtype=dtype, depthwise="conv",
-                                             conv_kernel_grad="conv", remat=remat)
+                                             conv_kernel_grad="conv", attention_kernel=attention, remat=remat)
   cfg.data.image_size = size
   cfg.eval_batch_size = global_batch
   cfg.mesh.fsdp = fsdp
@@ -190,7 +192,8 @@ def analyse(compiled, per_chip_batch: int, chip: dict) -> tuple[dict, str]:
 
 
 def probe(model: str, topology: str, global_batch: int, dtype: str, fsdp: int, steps=STEPS,
-          image_size: int | None = None, hlo_dir: str | None = None, remat: str = "none") -> list[dict]:
+          image_size: int | None = None, hlo_dir: str | None = None, remat: str = "none",
+          attention: str = "pallas") -> list[dict]:
   """Compiles `steps` for `topology` and returns one row per step."""
   gen, _ = parse_topology(topology)
   devices = topology_devices(topology)
@@ -203,7 +206,7 @@ def probe(model: str, topology: str, global_batch: int, dtype: str, fsdp: int, s
   if fsdp < 1 or n % fsdp:
     raise SystemExit(f"error: --fsdp={fsdp} does not divide the {n} chips of {topology}: choose a divisor of {n}.")
   mesh = shd.make_mesh(fsdp, devices=devices)   # the project's (data, fsdp) mesh over the abstract chips
-  cfg = make_config(model, global_batch, dtype, fsdp, image_size, remat)
+  cfg = make_config(model, global_batch, dtype, fsdp, image_size, remat, attention)
   # (not train_lib.validate_config: it checks that the data set is prepared, which the steps never read)
   setup = train_state.abstract_train_state(cfg, mesh)   # shapes only: nothing initialised
   state = abstract(setup.abstract, setup.shardings)
@@ -212,7 +215,7 @@ def probe(model: str, topology: str, global_batch: int, dtype: str, fsdp: int, s
   labels = jax.ShapeDtypeStruct((global_batch,), np.int32, sharding=shd.batch_sharding(mesh, 1))
   base = {"model": model, "topology": topology, "chips": n, "dtype": dtype, "global_batch": global_batch,
           "per_chip_batch": global_batch // n, "fsdp": fsdp, "image_size": size, "remat": remat,
-          "params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(nnx.state(setup.abstract, nnx.Param))))}
+          "attention_kernel": attention, "params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(nnx.state(setup.abstract, nnx.Param))))}
   rows = []
   for step in steps:
     if step == "train":
@@ -271,10 +274,11 @@ def parse_blocks(spec: str, net) -> tuple[int, int, int]:
   return stage - 1, a, b
 
 
-def block_network(model: str, per_chip_batch: int, dtype: str, image_size: int | None, remat: str, specs: str):
+def block_network(model: str, per_chip_batch: int, dtype: str, image_size: int | None, remat: str, specs: str,
+                  attention: str = "pallas"):
   """`(cfg, network shapes, [(stage, first, end), ...])` for `--blocks`; a bad range is a one-line
   error, raised before libtpu starts."""
-  cfg = make_config(model, per_chip_batch, dtype, 1, image_size, remat)
+  cfg = make_config(model, per_chip_batch, dtype, 1, image_size, remat, attention)
   net = nnx.eval_shape(lambda: models.model_from_config(cfg))
   return cfg, net, [parse_blocks(spec, net) for spec in filter(None, specs.split(","))]
 
@@ -335,7 +339,8 @@ def _probe_block(cfg, net, block_range, topology, chip, rep, hlo_dir) -> dict:
   name = f"blocks {stage + 1}:{a}:{b}"
   kinds = [type(block).__name__ for block in chosen]
   row = {"model": model, "topology": topology, "chips": 1, "dtype": dtype, "global_batch": per_chip_batch,
-         "per_chip_batch": per_chip_batch, "fsdp": 1, "image_size": size, "remat": remat, "step": name,
+         "per_chip_batch": per_chip_batch, "fsdp": 1, "image_size": size, "remat": remat,
+         "attention_kernel": cfg.model.arch.attention_kernel, "step": name,
          "blocks": kinds, "block_input_shape": list(x.shape), **row, "compile_s": compile_s}
   if hlo_dir:
     os.makedirs(hlo_dir, exist_ok=True)
@@ -358,6 +363,8 @@ def main(argv=None):
   p.add_argument("--image_size", type=int, default=None, help="default: the model's own")
   p.add_argument("--remat", default="none", choices=list(models.REMATS),
                  help="the model's remat option: 'block' keeps only synaptic sums and BatchNorm statistics")
+  p.add_argument("--attention", default="pallas", choices=["pallas", "xla"],
+                 help="GW-SSA's training core: the Pallas kernel (what a TPU runs by default) or XLA's einsums")
   p.add_argument("--hlo_dir", default=None, help="also write each compiled program's HLO text here")
   p.add_argument("--blocks", default=None, metavar="STAGE:FIRST:END[,...]",
                  help="instead of the steps: the train forward+backward of blocks [FIRST, END) of STAGE (1-4) "
@@ -372,7 +379,7 @@ def main(argv=None):
   if a.smoke:
     a.model, a.global_batch, a.image_size = "ge2mst_tiny", 8, 32
   if a.blocks:   # the network's shapes only: a bad range fails before libtpu starts
-    blocks = block_network(a.model, a.global_batch, a.dtype, a.image_size, a.remat, a.blocks)
+    blocks = block_network(a.model, a.global_batch, a.dtype, a.image_size, a.remat, a.blocks, a.attention)
   try:
     import libtpu  # noqa: F401
   except ImportError:
@@ -380,7 +387,8 @@ def main(argv=None):
   if a.blocks:
     rows = probe_blocks(*blocks, a.topology, a.hlo_dir)
   else:
-    rows = probe(a.model, a.topology, a.global_batch, a.dtype, a.fsdp, steps, a.image_size, a.hlo_dir, a.remat)
+    rows = probe(a.model, a.topology, a.global_batch, a.dtype, a.fsdp, steps, a.image_size, a.hlo_dir, a.remat,
+                 a.attention)
   bench_lib.print_table(rows, [("step", "step", "s"), ("topology", "topology", "s"), ("batch", "global_batch", "d"),
                                ("fsdp", "fsdp", "d"), ("GB/chip", "peak_gb_per_chip", ".2f"),
                                ("of HBM", "hbm_fraction", ".0%"), ("GFLOP/img", "gflops_per_image", ".2f"),
@@ -390,7 +398,7 @@ def main(argv=None):
                                ("all-red", "n_all_reduce", "d"), ("all-gath", "n_all_gather", "d"),
                                ("red-scat", "n_reduce_scatter", "d"), ("coll-perm", "n_collective_permute", "d"),
                                ("all-to-all", "n_all_to_all", "d"), ("compile s", "compile_s", ".1f")])
-  remat = "" if a.remat == "none" else f"_remat-{a.remat}"
+  remat = ("" if a.remat == "none" else f"_remat-{a.remat}") + ("" if a.attention == "pallas" else f"_attn-{a.attention}")
   part = "" if not a.blocks else "_blocks" if "," in a.blocks else f"_blocks{a.blocks.replace(':', '-')}"
   name = ("tpu_aot" + part if a.smoke else
           f"tpu_aot_{a.model}_{a.topology.replace(':', '-')}_{a.dtype}_b{a.global_batch}_fsdp{rows[0]['fsdp']}{remat}{part}")

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ge2mst_jax.attention_kernel import sharded_attention_core
 from ge2mst_jax.blocks import Compute, SConv, SynapticConv, grid_unit, make_neuron
 from ge2mst_jax.neurons import SpikeTrain, grid_codes, weighted_step_sum
 from ge2mst_jax.spike_stats import SpikeStats
@@ -171,6 +172,7 @@ class SpikingAttention(nnx.Module):
                scale_log2: int | None = None, *, neuron: dict, compute: Compute = Compute(),
                rngs: nnx.Rngs):
     self.dim, self.heads, self.stride = dim, heads, stride
+    self.kernel = compute.attention
     self.scope = "attention"   # its path once in a network (`blocks.name_layers`)
     if stride is None:
       self.parts = ((None, dim),)
@@ -201,6 +203,16 @@ class SpikingAttention(nnx.Module):
     a = self.attn_if(scores * (2.0 ** -self.scale_log2), **kw)  # a shift
     return _product("...ghnm,...gmhd->...gnhd", a, v, mode, self, "av", collect, pair(self.attn_if, self.v_if))
 
+  def attend_in_kernel(self, q, k, v, kind, alpha):
+    """`ungroup(attend(group(q), ...))` for one part's `(B, H, W, c)` q, k, v in training's quantize
+    mode, as one Pallas kernel each way (`attention_kernel`): the score maps stay on chip."""
+    groups = 1 if kind is None else self.stride ** 2
+    tokens = q.shape[1] * q.shape[2] // groups
+    # The attention neuron's threshold as `attend` hands it the part's scores, (B, G, heads, N, N).
+    lam = self.attn_if.training_threshold(groups * self.heads * tokens * tokens)
+    return sharded_attention_core(q, k, v, lam, jnp.asarray(alpha, jnp.float32), kind, self.stride, self.heads,
+                                  self.scale_log2, self.attn_if.T, self.attn_if.K, self.kernel == "interpret")
+
   def __call__(self, x, *, mode="quantize", alpha=1.0, collect=False, spikes_in=None):
     """`x`: the block's real input. `spikes_in`: its ExpG-IF spikes if already emitted."""
     kw = dict(mode=mode, alpha=alpha, collect=collect)
@@ -210,9 +222,15 @@ class SpikingAttention(nnx.Module):
     k = self.k_if(self.k(s, **syn), **kw)
     v = self.v_if(self.v(s, **syn), **kw)
     H, W = x.shape[-3:-1]
+    in_kernel = (self.kernel != "xla" and mode == "quantize" and not collect
+                 and grid_unit(self.attn_if, mode, alpha, x.dtype) is None)   # training, not evaluation
     outs, start = [], 0
     for kind, c in self.parts:   # at most two parts: the global and the local channels
       sl = lambda t, a=start, b=start + c: t[..., a:b]
+      if in_kernel:
+        outs.append(self.attend_in_kernel(sl(q), sl(k), sl(v), kind, alpha))
+        start += c
+        continue
       if kind is None:
         group = lambda t: split_heads(t.reshape(*t.shape[:-3], 1, H * W, t.shape[-1]), self.heads)
         ungroup = lambda t: t.reshape(*t.shape[:-4], H, W, -1)

@@ -56,6 +56,7 @@ def grid_unit(neuron, mode: str, alpha, dtype):
 
 
 DEPTHWISE = ("shifts", "conv")
+ATTENTION_KERNELS = ("xla", "pallas", "interpret")
 KERNEL_GRADS = ("conv", "taps")
 SYNAPTIC_OUT = "synaptic_out"   # the checkpoint name of a synaptic layer's sum, before BatchNorm
 
@@ -86,13 +87,19 @@ class Compute:
   kernel_grad: how a dense k x k convolution's kernel gradient is computed: 'conv' (XLA's
     convolution over the output's whole window, what TPUs and GPUs run best) or 'taps' (one
     matmul per kernel tap, `conv_kernel_grad`: 1.6-3x faster on XLA:CPU).
+  attention: GW-SSA's training-time core (scores, attention neuron, values): 'xla' (einsums) or
+    'pallas' (`attention_kernel`: the score maps stay on chip; TPU), 'interpret' (that kernel
+    through Pallas's interpreter, any backend: for tests).
   """
   dtype: Any = jnp.float32
   activations: Any = None
   depthwise: str = "shifts"
   kernel_grad: str = "conv"
+  attention: str = "xla"
 
   def __post_init__(self):
+    if self.attention not in ATTENTION_KERNELS:
+      raise ValueError(f"Unknown attention kernel {self.attention!r}: use one of {ATTENTION_KERNELS}.")
     if self.depthwise not in DEPTHWISE:
       raise ValueError(f"Unknown depthwise form {self.depthwise!r}: use one of {DEPTHWISE}.")
     if self.kernel_grad not in KERNEL_GRADS:

@@ -19,8 +19,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ge2mst_jax.attention import AttentionBlock, SpikingAttention, check_divisible
-from ge2mst_jax.blocks import (DEPTHWISE, KERNEL_GRADS, PARADIGMS, SFFN, Compute, EventFrameAdapter, SConv, Stem,
-                               SynapticConv, make_neuron, name_layers, remat_policy)
+from ge2mst_jax.blocks import (ATTENTION_KERNELS, DEPTHWISE, KERNEL_GRADS, PARADIGMS, SFFN, Compute, EventFrameAdapter,
+                               SConv, Stem, SynapticConv, make_neuron, name_layers, remat_policy)
 from ge2mst_jax.neurons import INTEGRATIONS, METHODS, check_tk
 from ge2mst_jax.stbp import RESETS, SURROGATES
 
@@ -67,6 +67,11 @@ class ArchConfig:
   # Dense convolutions' kernel gradients: 'conv' (XLA's convolution; for TPU/GPU) | 'taps' (one matmul per kernel
   # tap, 1.6-3x faster on XLA:CPU; the same gradients up to float rounding) | 'auto' ('taps' on the CPU, else 'conv').
   conv_kernel_grad: str = "auto"
+  # GW-SSA's training-time core (Q K^T, the attention neuron, A V; forward and backward): 'xla' (einsums,
+  # the score maps written out between fusions) | 'pallas' (one Pallas TPU kernel each way, the score maps
+  # kept on chip; TPU only) | 'interpret' (that kernel interpreted, any backend: slow, for tests) | 'auto'
+  # ('pallas' where JAX's default backend is a TPU, else 'xla'). Evaluation and spike mode always use 'xla'.
+  attention_kernel: str = "auto"
   # Training memory: 'none' (autodiff keeps what it keeps) | 'block' (each block rematerialised, keeping only
   # its synaptic sums and BatchNorm statistics: about half the memory, ~10 % more HBM traffic and a little
   # more compute; for a network that does not fit otherwise, e.g. ge2mst_large at 256 images per v5e chip).
@@ -102,6 +107,9 @@ class ArchConfig:
       raise ValueError(f"ArchConfig.remat={self.remat!r}: use one of {REMATS}.")
     if self.depthwise not in ("auto",) + DEPTHWISE:
       raise ValueError(f"ArchConfig.depthwise={self.depthwise!r}: use 'auto' or one of {DEPTHWISE}.")
+    if self.attention_kernel not in ("auto",) + ATTENTION_KERNELS:
+      raise ValueError(f"ArchConfig.attention_kernel={self.attention_kernel!r}: use 'auto' or one of "
+                       f"{ATTENTION_KERNELS}.")
     if self.conv_kernel_grad not in ("auto",) + KERNEL_GRADS:
       raise ValueError(f"ArchConfig.conv_kernel_grad={self.conv_kernel_grad!r}: use 'auto' or one of {KERNEL_GRADS}.")
     if "float64" in (self.dtype, self.activation_dtype) and not jax.config.jax_enable_x64:
@@ -137,8 +145,10 @@ class ArchConfig:
     cpu = jax.default_backend() == "cpu"
     depthwise = ("shifts" if cpu else "conv") if self.depthwise == "auto" else self.depthwise
     kernel_grad = ("taps" if cpu else "conv") if self.conv_kernel_grad == "auto" else self.conv_kernel_grad
+    attention = ("pallas" if jax.default_backend() == "tpu" else "xla") if self.attention_kernel == "auto" \
+        else self.attention_kernel
     act = self.dtype if self.activation_dtype == "same" else self.activation_dtype
-    return Compute(jnp.dtype(self.dtype), jnp.dtype(act), depthwise, kernel_grad)
+    return Compute(jnp.dtype(self.dtype), jnp.dtype(act), depthwise, kernel_grad, attention)
 
   @property
   def train_mode(self) -> str:

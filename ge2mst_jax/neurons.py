@@ -118,8 +118,12 @@ def expg_code(x: jax.Array, lam: jax.Array, T: int, K: int, method: str = "searc
   """
   if method not in METHODS:
     raise ValueError(f"Unknown expg_code method {method!r}: use one of {METHODS}.")
+  return code_of_doubled_units(doubled_code_units(x, lam, expg_levels(T, K).Z), T, K, method)
+
+
+def code_of_doubled_units(v: jax.Array, T: int, K: int, method: str = "search") -> jax.Array:
+  """`expg_code` of an input already on the doubled-code scale (`doubled_code_units`)."""
   ls = expg_levels(T, K)
-  v = doubled_code_units(x, lam, ls.Z)
   if method == "arith" and (K in (1, 2) or K == T):
     return _arith_code(v, T, K)
   thr = np.asarray(ls.doubled_thresholds, v.dtype)
@@ -469,6 +473,13 @@ class ExpGIF(nnx.Module):
     # |lam| keeps the neuron well-defined if an optimiser step ever pushes it negative.
     return jnp.abs(self.lam[...]) + 1e-6
 
+  def training_threshold(self, features: int) -> jax.Array:
+    """The threshold quantize mode uses for an input of `features` values per image: LSQ's
+    step-size gradient scale 1/sqrt(features * levels) on it, since lam's gradient sums over
+    every feature of the layer and would otherwise dwarf the weights' gradients."""
+    lam = self.threshold()
+    return scale_grad(lam, jnp.asarray(1.0 / np.sqrt(features * expg_levels(self.T, self.K).Z), lam.dtype))
+
   def code_unit(self, dtype=jnp.float32) -> jax.Array:
     """`lam / Z` in `dtype`, as both modes compute it: the value of one unit of the neuron's code."""
     return code_scale(self.threshold().astype(dtype), self.T, self.K, dtype)
@@ -482,13 +493,10 @@ class ExpGIF(nnx.Module):
   def __call__(self, x, *, mode: str = "quantize", alpha=1.0, collect: bool = False):
     # float32 whatever the activations' dtype, in both modes: the thresholds compare against it in
     # float32, and its gradient sums over the whole layer.
-    lam = self.threshold()
     if mode == "quantize":
-      # LSQ's step-size gradient scale 1/sqrt(features * levels): lam's gradient sums over
-      # every feature of the layer and would otherwise dwarf the weights' gradients.
-      features = max(x.size // max(x.shape[0], 1), 1)
-      lam = scale_grad(lam, jnp.asarray(1.0 / np.sqrt(features * expg_levels(self.T, self.K).Z), lam.dtype))
+      lam = self.training_threshold(max(x.size // max(x.shape[0], 1), 1))
       return progressive_activation(x, lam, alpha, self.T, self.K, self.symmetric, self.method)
+    lam = self.threshold()
     if mode == "spike":
       spikes, _ = expg_spikes(x, lam, self.T, self.K, self.symmetric, self.method, self.emitter)
       if collect:

@@ -63,7 +63,8 @@ def make_train_step(cfg, setup: TrainSetup):
                                 partners)
 
     def loss_fn(model):
-      logits = model(images, mode=train_mode, alpha=alpha)
+      with jax.sharding.use_abstract_mesh(setup.mesh.abstract_mesh):   # for layers that shard_map a kernel
+        logits = model(images, mode=train_mode, alpha=alpha)
       return optax.softmax_cross_entropy(logits, labels).mean(), logits
 
     (loss, logits), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)

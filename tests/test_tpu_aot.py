@@ -63,6 +63,9 @@ def test_tpu_aot_probe_compiles_tiny_model_for_v5e(tmp_path):
   # Data parallelism over 4 chips: the gradients are summed across chips; evaluation needs no
   # reduction of parameters. A forward pass does fewer FLOPs than forward + backward.
   assert rows["train"]["n_all_reduce"] + rows["train"]["n_reduce_scatter"] >= 1
+  # GW-SSA's training core is the Pallas kernel, run on each chip's own images (no gather of the batch).
+  assert rows["train"]["attention_kernel"] == "pallas" and rows["train"]["n_all_gather"] == 0
+  assert "tpu_custom_call" in open(rows["train"]["hlo_file"]).read()
   assert rows["forward_quantize"]["flops_per_image"] < rows["train"]["flops_per_image"]
   # What moves to or from HBM is part of what cost analysis counts (which adds on-chip buffers).
   for step, row in rows.items():

@@ -1,0 +1,115 @@
+"""GW-SSA's Pallas training kernel (`attention_kernel`), run through Pallas's interpreter on CPU,
+against the XLA path it replaces: the same forward, the same gradients, the same network."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from ge2mst_jax import attention, models
+from ge2mst_jax.attention_kernel import attention_core, sharded_attention_core
+from ge2mst_jax.neurons import progressive_activation
+
+
+def xla_core(q, k, v, lam, alpha, kind, stride, heads, scale_log2, T, K):
+  """What `SpikingAttention` computes for one part through XLA: group, attend, ungroup."""
+  B, H, W, C = q.shape
+  if kind is None:
+    group = lambda t: attention.split_heads(t.reshape(B, 1, H * W, C), heads)
+    ungroup = lambda t: t.reshape(B, H, W, C)
+  else:
+    group = lambda t: attention.split_heads(attention.to_groups(t, stride, kind), heads)
+    ungroup = lambda t: attention.from_groups(t.reshape(*t.shape[:-2], -1), stride, kind, H, W)
+  scores = attention.exact_einsum("...gnhd,...gmhd->...ghnm", group(q), group(k)).astype(q.dtype)
+  a = progressive_activation(scores * (2.0 ** -scale_log2), lam, alpha, T, K, False, "compare")
+  return ungroup(attention.exact_einsum("...ghnm,...gmhd->...gnhd", a, group(v)).astype(q.dtype))
+
+
+def _close(ours, theirs, tol, what):
+  """Equal up to the order of float32 sums: `tol` of the largest element."""
+  a, b = np.asarray(ours, np.float32), np.asarray(theirs, np.float32)
+  np.testing.assert_allclose(a, b, rtol=tol, atol=tol * max(float(np.abs(b).max()), 1e-30), err_msg=what)
+
+
+@pytest.mark.parametrize("dtype,kind,stride,heads,batch", [
+    (jnp.float32, "local", 2, 2, 4),
+    (jnp.bfloat16, "global", 4, 1, 3),
+    (jnp.bfloat16, None, None, 2, 2),     # plain SSA: the whole map one group
+])
+def test_kernel_is_the_xla_attention_forward_and_backward(dtype, kind, stride, heads, batch):
+  """Scores, the attention neuron (clip, blend and quantizer ends of alpha), values and every
+  gradient, q/k/v and the neuron's threshold and alpha included, as the XLA path computes them."""
+  keys = jax.random.split(jax.random.key(0), 4)
+  # quarter-steps: many scores land exactly on the neuron's thresholds, where rounding must agree
+  grid = lambda key: (jnp.round(jax.random.uniform(key, (batch, 8, 8, 8), minval=-1, maxval=1) * 4) / 4).astype(dtype)
+  q, k, v = (grid(key) for key in keys[:3])
+  g = jax.random.normal(keys[3], q.shape).astype(dtype)
+  static = (kind, stride, heads, 1, 4, 2)
+  for alpha in (0.0, 0.6, 1.0):
+    args = (q, k, v, jnp.float32(1.3), jnp.float32(alpha))
+    ours, ours_vjp = jax.vjp(lambda *a: attention_core(*a, *static, True), *args)
+    theirs, theirs_vjp = jax.vjp(lambda *a: xla_core(*a, *static), *args)
+    assert ours.dtype == theirs.dtype == dtype and float(jnp.abs(theirs.astype(jnp.float32)).max()) > 0
+    # float32: sums of up to 64 products; bf16: one rounding of them; the two parameters' gradients
+    # are float32 sums over every score of the batch
+    tol = 1e-6 if dtype == jnp.float32 else 2.0 ** -8
+    _close(ours, theirs, tol, f"forward, alpha={alpha}")
+    for name, a, b in zip(("dq", "dk", "dv", "dlam", "dalpha"), ours_vjp(g), theirs_vjp(g)):
+      assert a.dtype == b.dtype, name
+      _close(a, b, tol if name[1] in "qkv" else 1e-4, f"{name}, alpha={alpha}")
+    if alpha == 0.6:   # a real blend: both parameters' gradients are live
+      assert all(float(jnp.abs(t)) > 0 for t in theirs_vjp(g)[3:])
+
+
+def test_network_trains_and_evaluates_the_same_with_the_kernel():
+  """attention_kernel='interpret' (the Pallas kernel) in a whole network: training's loss and every
+  parameter's gradient as with 'xla'; evaluation (static alpha = 1) does not use the kernel and
+  gives the same bits."""
+  x = jax.random.normal(jax.random.key(3), (4, 16, 16, 3))
+  out = {}
+  for kernel in ("xla", "interpret"):
+    model = models.create_model("ge2mst_tiny", 10, nnx.Rngs(0), image_size=16, attention_kernel=kernel)
+    assert model.stages[1][1].attn.kernel == kernel
+    loss = lambda m: jnp.sum(m(x, mode="quantize", alpha=jnp.float32(0.7)) ** 2)
+    graphdef, state = nnx.split(model)
+    calls = str(jax.make_jaxpr(jax.grad(lambda st: loss(nnx.merge(graphdef, st))))(state)).count("pallas_call")
+    assert calls == (0 if kernel == "xla" else 2 * 5), calls   # forward and backward of 5 parts
+    value, grads = nnx.jit(nnx.value_and_grad(loss))(model)
+    model.eval()
+    out[kernel] = value, dict(nnx.to_flat_state(grads)), nnx.jit(lambda m: m(x, mode="quantize"))(model)
+  np.testing.assert_allclose(out["interpret"][0], out["xla"][0], rtol=1e-6)
+  lams = [p for p in out["xla"][1] if "attn_if" in p and p[-1] == "lam"]
+  assert lams and all(float(jnp.abs(out["xla"][1][p][...])) > 0 for p in lams)
+  # The kernel sums scores in another order; float32 differences of 1e-7 pass through every layer
+  # below the attention, and a thresholds' gradient sums a whole layer.
+  for path, g in out["xla"][1].items():
+    _close(out["interpret"][1][path][...], g[...], 1e-3, str(path))
+  np.testing.assert_array_equal(out["interpret"][2], out["xla"][2])
+  assert models.arch_config("ge2mst_tiny").compute.attention == "xla"   # 'auto' off a TPU
+  with pytest.raises(ValueError, match="attention_kernel='triton'"):
+    models.arch_config("ge2mst_tiny", attention_kernel="triton")
+
+
+def test_kernel_runs_on_each_devices_images_under_a_mesh():
+  """With a mesh in context the kernel runs under shard_map on each device's share of the batch:
+  no gather of the batch (XLA cannot split a kernel), the same outputs and gradients, and the
+  threshold's and alpha's gradients summed over all eight devices."""
+  from ge2mst_jax import sharding as shd
+  from tests.test_train import cross_device_ops
+  mesh = shd.make_mesh(2)                                   # (data 4, fsdp 2): the batch over both
+  keys = jax.random.split(jax.random.key(1), 3)
+  q, k, v = (jnp.round(jax.random.uniform(key, (16, 4, 4, 8), minval=-1, maxval=1) * 4) / 4 for key in keys)
+  static = ("local", 2, 2, 1, 4, 2, True)
+  loss = lambda core: lambda *a: jnp.sum(core(*a, *static) ** 2)
+  grad = lambda core: jax.value_and_grad(loss(core), argnums=(0, 1, 2, 3, 4))
+  args = (q, k, v, jnp.float32(1.3), jnp.float32(0.6))
+  want = grad(attention_core)(*args)
+  batch = shd.batch_sharding(mesh, 4)
+  step = jax.jit(grad(sharded_attention_core), in_shardings=(batch,) * 3 + (None, None))
+  with jax.set_mesh(mesh):
+    got = step(*args)
+    assert cross_device_ops(step, *args) == []
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+  for a, b in zip(got[1], want[1]):
+    _close(a, b, 1e-5, "gradient")
+  assert got[1][0].sharding.spec[0] == ("data", "fsdp")
