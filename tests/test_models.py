@@ -267,25 +267,36 @@ def test_conv_kernel_grad_is_the_convolutions_kernel_gradient(k, stride, size):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_network_gradients_are_the_same_with_tap_kernel_gradients(dtype):
+def test_network_gradients_are_the_same_with_tap_kernel_gradients_and_the_attention_kernel(dtype):
   """conv_kernel_grad='taps' (the CPU default) and 'conv' (TPU/GPU) train the same network: equal
   forward, equal gradients up to the order of float32 sums (bf16 kernels: up to one bf16 rounding
-  of each gradient element)."""
+  of each gradient element). In float32, GW-SSA's Pallas kernel (attention_kernel='interpret', the
+  kernel through Pallas's interpreter) too: its scores are summed in another order, and float32
+  differences of 1e-7 pass through every layer below the attention (a threshold's gradient sums a
+  whole layer), hence 1e-3."""
   assert models.arch_config("ge2mst_tiny").compute.kernel_grad == "taps"
   x = jax.random.normal(jax.random.key(3), (4, 16, 16, 3))
+  forms = {"conv": dict(conv_kernel_grad="conv"), "taps": dict(conv_kernel_grad="taps")}
+  if dtype == "float32":
+    forms["kernel"] = dict(attention_kernel="interpret")
   out = {}
-  for form in ("conv", "taps"):
-    model = models.create_model("ge2mst_tiny", 10, nnx.Rngs(0), image_size=16, conv_kernel_grad=form, dtype=dtype)
+  for form, kw in forms.items():
+    model = models.create_model("ge2mst_tiny", 10, nnx.Rngs(0), image_size=16, dtype=dtype, **kw)
     loss = lambda m: jnp.sum(m(x, mode="quantize", alpha=jnp.float32(0.5)).astype(jnp.float32) ** 2)
     value, grads = nnx.jit(nnx.value_and_grad(loss))(model)
     out[form] = value, dict(nnx.to_flat_state(grads))
   assert out["taps"][0] == out["conv"][0]
-  tol = 1e-4 if dtype == "float32" else 2 ** -7
   dense = [p for p in out["conv"][1] if p[-1] == "kernel" and out["conv"][1][p].shape[0] > 1]
   assert len(dense) >= 4     # the stem, Stage 1's and the downsampling convolutions
-  for path, g in out["conv"][1].items():
-    a, b = np.asarray(g[...], np.float32), np.asarray(out["taps"][1][path][...], np.float32)
-    np.testing.assert_allclose(b, a, rtol=tol, atol=tol * float(np.abs(a).max()), err_msg=str(path))
+  attention_lams = [p for p in out["taps"][1] if "attn_if" in p and p[-1] == "lam"]
+  assert attention_lams and all(float(jnp.abs(out["taps"][1][p][...])) > 0 for p in attention_lams)
+  for form, tol in (("conv", 1e-4 if dtype == "float32" else 2 ** -7), ("kernel", 1e-3)):
+    if form not in out:
+      continue
+    np.testing.assert_allclose(out[form][0], out["taps"][0], rtol=1e-6)
+    for path, g in out["taps"][1].items():
+      a, b = np.asarray(out[form][1][path][...], np.float32), np.asarray(g[...], np.float32)
+      np.testing.assert_allclose(a, b, rtol=tol, atol=tol * float(np.abs(b).max()), err_msg=f"{form} {path}")
 
 
 @pytest.mark.parametrize("k,size,dtype", [(3, 8, "float32"), (3, 7, "float32"), (5, 6, "float32"), (3, 8, "bfloat16")])
