@@ -36,7 +36,7 @@ def _close(ours, theirs, tol, what):
 @pytest.mark.parametrize("dtype,kind,stride,heads,batch", [
     (jnp.float32, "local", 2, 2, 4),
     (jnp.bfloat16, "global", 4, 1, 3),
-    (jnp.bfloat16, None, None, 2, 2),     # plain SSA: the whole map one group
+    (jnp.bfloat16, None, None, 2, 130),   # plain SSA, the whole map one group; 2 x 128 lanes, 126 padding
 ])
 def test_kernel_is_the_xla_attention_forward_and_backward(dtype, kind, stride, heads, batch):
   """Scores, the attention neuron (clip, blend and quantizer ends of alpha), values and every
@@ -52,13 +52,15 @@ def test_kernel_is_the_xla_attention_forward_and_backward(dtype, kind, stride, h
     ours, ours_vjp = jax.vjp(lambda *a: attention_core(*a, *static, True), *args)
     theirs, theirs_vjp = jax.vjp(lambda *a: xla_core(*a, *static), *args)
     assert ours.dtype == theirs.dtype == dtype and float(jnp.abs(theirs.astype(jnp.float32)).max()) > 0
-    # float32: sums of up to 64 products; bf16: one rounding of them; the two parameters' gradients
-    # are float32 sums over every score of the batch
+    # float32: sums of up to 64 products; bf16: one rounding of them. The two parameters' gradients
+    # are float32 sums of a bf16 term per score, up to 10^6 of them here, and XLA:CPU may skip a bf16
+    # rounding inside a fusion (--xla_allow_excess_precision, on by default; off, the bf16 threshold
+    # gradients agree to 3e-7): 0.3 % apart on the 130-image case.
     tol = 1e-6 if dtype == jnp.float32 else 2.0 ** -8
     _close(ours, theirs, tol, f"forward, alpha={alpha}")
     for name, a, b in zip(("dq", "dk", "dv", "dlam", "dalpha"), ours_vjp(g), theirs_vjp(g)):
       assert a.dtype == b.dtype, name
-      _close(a, b, tol if name[1] in "qkv" else 1e-4, f"{name}, alpha={alpha}")
+      _close(a, b, tol if name[1] in "qkv" else 1e-4 if dtype == jnp.float32 else 1e-2, f"{name}, alpha={alpha}")
     if alpha == 0.6:   # a real blend: both parameters' gradients are live
       assert all(float(jnp.abs(t)) > 0 for t in theirs_vjp(g)[3:])
 
