@@ -114,16 +114,17 @@ class _Plan:
     self.Bp = -(-B // self.lanes) * self.lanes
     self.grid = (self.s, self.s, heads // self.hb, self.Bp // self.lanes)
 
-  # (H, W, C, B) split so that a group is a block of the leading dims
-  def split_shape(self, C):
-    s, ph, pw = self.s, self.ph, self.pw
+  @property
+  def split_shape(self):
+    """`(H, W, C, B)` with H and W split so that a group is a block of the leading dims."""
+    s, ph, pw, C = self.s, self.ph, self.pw, self.C
     return (ph, s, pw, s, C, self.Bp) if self.kind == "global" else (s, ph, s, pw, C, self.Bp)
 
   def to_blocks(self, x):
     x = jnp.transpose(x, (1, 2, 3, 0))
     if self.Bp != self.B:
       x = jnp.pad(x, ((0, 0),) * 3 + ((0, self.Bp - self.B),))
-    return x.reshape(self.split_shape(x.shape[2]))
+    return x.reshape(self.split_shape)
 
   def from_blocks(self, x):
     x = x.reshape(self.H, self.W, x.shape[-2], self.Bp)[..., :self.B]
@@ -259,7 +260,7 @@ def _forward(q, k, v, lam, alpha, kind, stride, heads, scale_log2, T, K, interpr
   kernel = functools.partial(_forward_kernel, plan=plan, scale=2.0 ** -scale_log2, T=T, K=K)
   out = pl.pallas_call(
       kernel, grid=plan.grid, in_specs=[_smem_spec()] + [plan.spec()] * 3, out_specs=plan.spec(),
-      out_shape=jax.ShapeDtypeStruct(plan.split_shape(plan.C), q.dtype),
+      out_shape=jax.ShapeDtypeStruct(plan.split_shape, q.dtype),
       compiler_params=None if interpret else _params(3 * plan.N * plan.cb * plan.lanes * 4),
       cost_estimate=pl.CostEstimate(flops=4 * plan.products(), transcendentals=0,
                                     bytes_accessed=4 * plan.array_bytes()),
@@ -276,7 +277,7 @@ def _core_bwd(kind, stride, heads, scale_log2, T, K, interpret, res, g):
   q, k, v, lam, alpha = res
   plan = _Plan(q.shape, q.dtype, kind, stride, heads)
   kernel = functools.partial(_backward_kernel, plan=plan, scale=2.0 ** -scale_log2, T=T, K=K)
-  blocks = jax.ShapeDtypeStruct(plan.split_shape(plan.C), q.dtype)
+  blocks = jax.ShapeDtypeStruct(plan.split_shape, q.dtype)
   acc = (plan.N, plan.cb, plan.lanes)
   dq, dk, dv, dlam, dalpha = pl.pallas_call(
       kernel, grid=plan.grid, in_specs=[_smem_spec()] + [plan.spec()] * 4,
