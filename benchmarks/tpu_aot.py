@@ -215,7 +215,8 @@ def probe(model: str, topology: str, global_batch: int, dtype: str, fsdp: int, s
   labels = jax.ShapeDtypeStruct((global_batch,), np.int32, sharding=shd.batch_sharding(mesh, 1))
   base = {"model": model, "topology": topology, "chips": n, "dtype": dtype, "global_batch": global_batch,
           "per_chip_batch": global_batch // n, "fsdp": fsdp, "image_size": size, "remat": remat,
-          "attention_kernel": attention, "params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(nnx.state(setup.abstract, nnx.Param))))}
+          "attention_kernel": attention,
+          "params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(nnx.state(setup.abstract, nnx.Param))))}
   rows = []
   for step in steps:
     if step == "train":
@@ -398,7 +399,8 @@ def main(argv=None):
                                ("all-red", "n_all_reduce", "d"), ("all-gath", "n_all_gather", "d"),
                                ("red-scat", "n_reduce_scatter", "d"), ("coll-perm", "n_collective_permute", "d"),
                                ("all-to-all", "n_all_to_all", "d"), ("compile s", "compile_s", ".1f")])
-  remat = ("" if a.remat == "none" else f"_remat-{a.remat}") + ("" if a.attention == "pallas" else f"_attn-{a.attention}")
+  remat = "" if a.remat == "none" else f"_remat-{a.remat}"
+  remat += "" if a.attention == "pallas" else f"_attn-{a.attention}"
   part = "" if not a.blocks else "_blocks" if "," in a.blocks else f"_blocks{a.blocks.replace(':', '-')}"
   name = ("tpu_aot" + part if a.smoke else
           f"tpu_aot_{a.model}_{a.topology.replace(':', '-')}_{a.dtype}_b{a.global_batch}_fsdp{rows[0]['fsdp']}{remat}{part}")
