@@ -79,6 +79,16 @@ def split_heads(x: jax.Array, heads: int) -> jax.Array:
   return x.reshape(*x.shape[:-1], heads, x.shape[-1] // heads)
 
 
+def grouping(kind: str | None, stride: int | None, heads: int, H: int, W: int):
+  """`(group, ungroup)` of one attention part: `(..., H, W, c)` tokens to `(..., G, N, heads, d)`
+  and back; `kind=None` is plain SSA, the whole map one group."""
+  if kind is None:
+    return (lambda t: split_heads(t.reshape(*t.shape[:-3], 1, H * W, t.shape[-1]), heads),
+            lambda t: t.reshape(*t.shape[:-4], H, W, -1))
+  return (lambda t: split_heads(to_groups(t, stride, kind), heads),
+          lambda t: from_groups(t.reshape(*t.shape[:-2], -1), stride, kind, H, W))
+
+
 # ----------------------------------------------------------------------------
 # Products of spike-coded operands
 # ----------------------------------------------------------------------------
@@ -229,16 +239,10 @@ class SpikingAttention(nnx.Module):
       sl = lambda t, a=start, b=start + c: t[..., a:b]
       if in_kernel:
         outs.append(self.attend_in_kernel(sl(q), sl(k), sl(v), kind, alpha))
-        start += c
-        continue
-      if kind is None:
-        group = lambda t: split_heads(t.reshape(*t.shape[:-3], 1, H * W, t.shape[-1]), self.heads)
-        ungroup = lambda t: t.reshape(*t.shape[:-4], H, W, -1)
       else:
-        group = lambda t, kind=kind: split_heads(to_groups(t, self.stride, kind), self.heads)
-        ungroup = lambda t, kind=kind: from_groups(t.reshape(*t.shape[:-2], -1), self.stride, kind, H, W)
-      g = [_tokens(t, lambda u: group(sl(u))) for t in (q, k, v)]
-      outs.append(ungroup(self.attend(*g, **kw)))
+        group, ungroup = grouping(kind, self.stride, self.heads, H, W)
+        g = [_tokens(t, lambda u: group(sl(u))) for t in (q, k, v)]
+        outs.append(ungroup(self.attend(*g, **kw)))
       start += c
     o = jnp.concatenate(outs, axis=-1) if len(outs) > 1 else outs[0]
     return self.proj(self.out_if(o, **kw), mode=mode, collect=collect, unit=grid_unit(self.out_if, mode, alpha, o.dtype))

@@ -110,7 +110,7 @@ class _Plan:
     # rows (16 for 16-bit types), else all heads of the part together.
     self.hb = 1 if self.d % 16 == 0 else heads
     self.cb = self.hb * self.d
-    self.lanes = LANES if B % LANES == 0 else B if B < LANES else LANES
+    self.lanes = min(B, LANES)   # a smaller batch is one full-width block; a larger one is padded to LANES
     self.Bp = -(-B // self.lanes) * self.lanes
     self.grid = (self.s, self.s, heads // self.hb, self.Bp // self.lanes)
 
@@ -166,22 +166,24 @@ class _Plan:
     return self.Bp * self.s * self.s * self.heads * self.N * self.N * self.d
 
 
-# Pallas's TPU module is imported where a kernel is built: importing it costs ~0.2 s, which every
-# process that only builds the model (CPU training, evaluation, the tests' subprocesses) would pay.
+def _pltpu():
+  """Pallas's TPU module, imported where a kernel is built: importing it costs ~0.2 s, which every
+  process that only builds the model (CPU training, evaluation, the tests' subprocesses) would pay."""
+  from jax.experimental.pallas import tpu  # pylint: disable=g-import-not-at-top
+  return tpu
+
+
 def _smem_spec():
-  from jax.experimental.pallas import tpu as pltpu  # pylint: disable=g-import-not-at-top
-  return pl.BlockSpec(memory_space=pltpu.SMEM)
+  return pl.BlockSpec(memory_space=_pltpu().SMEM)
 
 
 def _scratch(shape):
-  from jax.experimental.pallas import tpu as pltpu  # pylint: disable=g-import-not-at-top
-  return pltpu.VMEM(shape, jnp.float32)
+  return _pltpu().VMEM(shape, jnp.float32)
 
 
 def _params(vmem_bytes):
-  from jax.experimental.pallas import tpu as pltpu  # pylint: disable=g-import-not-at-top
   # Every grid step is independent (its own group, heads and images): megacore chips split them.
-  return pltpu.CompilerParams(dimension_semantics=("parallel",) * 4,
+  return _pltpu().CompilerParams(dimension_semantics=("parallel",) * 4,
                               vmem_limit_bytes=int(min(max(32 << 20, 2 * vmem_bytes), 64 << 20)))
 
 

@@ -142,11 +142,11 @@ class ArchConfig:
   @property
   def compute(self) -> Compute:
     """How the synaptic layers compute (blocks.Compute), with 'same' and 'auto' resolved."""
-    cpu = jax.default_backend() == "cpu"
+    backend = jax.default_backend()
+    cpu = backend == "cpu"
     depthwise = ("shifts" if cpu else "conv") if self.depthwise == "auto" else self.depthwise
     kernel_grad = ("taps" if cpu else "conv") if self.conv_kernel_grad == "auto" else self.conv_kernel_grad
-    attention = ("pallas" if jax.default_backend() == "tpu" else "xla") if self.attention_kernel == "auto" \
-        else self.attention_kernel
+    attention = ("pallas" if backend == "tpu" else "xla") if self.attention_kernel == "auto" else self.attention_kernel
     act = self.dtype if self.activation_dtype == "same" else self.activation_dtype
     return Compute(jnp.dtype(self.dtype), jnp.dtype(act), depthwise, kernel_grad, attention)
 

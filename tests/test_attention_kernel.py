@@ -15,13 +15,7 @@ from ge2mst_jax.neurons import progressive_activation
 
 def xla_core(q, k, v, lam, alpha, kind, stride, heads, scale_log2, T, K):
   """What `SpikingAttention` computes for one part through XLA: group, attend, ungroup."""
-  B, H, W, C = q.shape
-  if kind is None:
-    group = lambda t: attention.split_heads(t.reshape(B, 1, H * W, C), heads)
-    ungroup = lambda t: t.reshape(B, H, W, C)
-  else:
-    group = lambda t: attention.split_heads(attention.to_groups(t, stride, kind), heads)
-    ungroup = lambda t: attention.from_groups(t.reshape(*t.shape[:-2], -1), stride, kind, H, W)
+  group, ungroup = attention.grouping(kind, stride, heads, *q.shape[1:3])
   scores = attention.exact_einsum("...gnhd,...gmhd->...ghnm", group(q), group(k)).astype(q.dtype)
   a = progressive_activation(scores * (2.0 ** -scale_log2), lam, alpha, T, K, False, "compare")
   return ungroup(attention.exact_einsum("...ghnm,...gmhd->...gnhd", a, group(v)).astype(q.dtype))
