@@ -1,4 +1,5 @@
 """ExpG-IF: level sets, lossless spike emission, gradients, schedule, transforms."""
+import functools
 import math
 
 import jax
@@ -13,19 +14,25 @@ from ge2mst_jax import neurons as nr
 TK = [(T, K) for T in range(1, 9) for K in range(1, T + 1)]
 quantize = jax.jit(nr.expg_quantize, static_argnums=(2, 3, 4))
 emit = jax.jit(nr.expg_spikes, static_argnums=(2, 3, 4))
+emit_by_scan = jax.jit(functools.partial(nr.expg_spikes, emitter="scan"), static_argnums=(2, 3, 4))
 
 
-def _probe_inputs(lam, T, K, n=257, seed=0):
-  """Random values plus every exact threshold, values beyond lam, negatives and zeros."""
+def _probe_inputs(lam, T, K, n=257, seed=0, size=2048):
+  """Random values plus every exact threshold, values beyond lam, negatives and zeros.
+
+  At least `n` random values, as many as make the total `size` for every (T, K): eager
+  operations compile once per shape, so one shape for all lets the tests' dozens of (T, K)
+  share their compiles."""
   rng = np.random.default_rng(seed)
   ls = nr.expg_levels(T, K)
   lam32 = np.float32(lam)
   thr = (lam32 * ls.thresholds.astype(np.float32)).astype(np.float32)
   lv = (lam32 * ls.levels.astype(np.float32)).astype(np.float32)
-  x = np.concatenate([
-      rng.uniform(-0.5 * lam, 1.5 * lam, n), thr, np.nextafter(thr, -np.inf), np.nextafter(thr, np.inf),
-      lv, -lv, -thr, [0.0, -0.0, lam, 2 * lam, 1e6, -1e6, np.inf, -np.inf]]).astype(np.float32)
-  return jnp.asarray(x)
+  exact = [thr, np.nextafter(thr, -np.inf), np.nextafter(thr, np.inf), lv, -lv, -thr,
+           [0.0, -0.0, lam, 2 * lam, 1e6, -1e6, np.inf, -np.inf]]
+  random = size - sum(map(len, exact))
+  assert random >= n, f"size={size} leaves {random} < {n} random values for T={T}, K={K}"
+  return jnp.asarray(np.concatenate([rng.uniform(-0.5 * lam, 1.5 * lam, random), *exact]).astype(np.float32))
 
 
 def test_levels_match_spec_examples():
@@ -58,7 +65,7 @@ def test_spikes_decode_bitwise_to_quantizer(T, K, symmetric):
     spikes, thetas = emit(x, lam, T, K, symmetric)
     assert spikes.shape == (T, *x.shape)
     # the vectorised emitter reads the digits the IF scan with soft reset fires
-    np.testing.assert_array_equal(spikes, nr.expg_spikes(x, lam, T, K, symmetric, emitter="scan")[0])
+    np.testing.assert_array_equal(spikes, emit_by_scan(x, lam, T, K, symmetric)[0])
     allowed = {-1.0, 0.0, 1.0} if symmetric else {0.0, 1.0}
     assert set(np.unique(np.asarray(spikes)).tolist()) <= allowed
     code = np.tensordot(2 ** np.arange(T - 1, -1, -1), np.asarray(spikes), axes=1)
@@ -83,7 +90,7 @@ def test_spikes_decode_bitwise_to_quantizer(T, K, symmetric):
        xs=st.lists(st.floats(-1e4, 1e4, width=32), min_size=1, max_size=64), symmetric=st.booleans())
 def test_lossless_property(T, data, lam, xs, symmetric):
   K = data.draw(st.integers(1, T))
-  x = jnp.asarray(xs + [0.0] * (64 - len(xs)), jnp.float32)  # one shape: one compile per (T, K)
+  x = jnp.asarray(xs + [0.0] * (2048 - len(xs)), jnp.float32)  # _probe_inputs' shape: its (T, K) compiles serve
   q = quantize(x, lam, T, K, symmetric)
   spikes, _ = emit(x, lam, T, K, symmetric)
   dec = nr.SpikeTrain(spikes, nr.code_scale(lam, T, K)).decode()
@@ -94,7 +101,7 @@ def test_lossless_property(T, data, lam, xs, symmetric):
 def test_exp_if_fires_at_most_once():
   x = jax.random.uniform(jax.random.key(1), (4096,), minval=-1, maxval=3)
   for T in range(1, 9):
-    spikes, _ = nr.expg_spikes(x, 1.0, T, 1)
+    spikes, _ = emit(x, 1.0, T, 1)
     assert int(spikes.sum(0).max()) == 1
 
 
@@ -115,7 +122,7 @@ def test_arithmetic_level_search_equals_comparison_chain(T, K):
   """The bit-arithmetic search gives the chain's integers everywhere: random values, values a
   float step either side of every threshold and level, clipping, NaN and infinities, scalar
   or per-element lam, under jit (which may rewrite arithmetic) and eagerly."""
-  xs = [_probe_inputs(lam, T, K, n=2000, seed=T) for lam in (0.37, 1.0, 3.3)]
+  xs = [_probe_inputs(lam, T, K, n=2000, seed=T, size=4096) for lam in (0.37, 1.0, 3.3)]
   x = jnp.concatenate(xs + [jnp.asarray([np.nan, -np.nan], jnp.float32)])
   lams = jnp.concatenate([jnp.full((len(v),), lam, jnp.float32) for v, lam in zip(xs, (0.37, 1.0, 3.3))] +
                          [jnp.ones((2,), jnp.float32)])
