@@ -22,9 +22,10 @@ from tests import cpu, faults, waiting
 from tests.test_train import ROOT, read_metrics, small_digits
 
 CLI_SMALL = [  # the tests' small digits network (tests.test_train.small_digits); async saves by default
-"--config.batch_size=32", "--config.data.image_size=16", "--config.model.arch.image_size=16",
-             "--config.model.arch.widths=(8,16,16,32)", "--config.model.arch.heads=(1,1,1)",
-             "--config.model.arch.stem_width=8", "--config.log_every=1", "--config.eval_modes=('quantize',)"]
+    "--config.batch_size=32", "--config.data.image_size=16", "--config.model.arch.image_size=16",
+    "--config.model.arch.widths=(8,16,16,32)", "--config.model.arch.heads=(1,1,1)",
+    "--config.model.arch.stem_width=8", "--config.model.arch.depths=(1,1,0,0)", "--config.log_every=1",
+    "--config.eval_modes=('quantize',)"]
 
 
 def _train_cli(workdir, *extra):

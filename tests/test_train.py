@@ -32,6 +32,10 @@ def small_digits(steps=12, small_net=True, **kw):
     cfg.data.image_size = cfg.model.arch.image_size = 16
     cfg.model.arch.widths, cfg.model.arch.heads = (8, 16, 16, 32), (1, 1, 1)
     cfg.model.arch.stem_width = 8
+    # Stage 1's block and Stage 2's GW-SSA block; stages 3 and 4 only downsample. Every program of
+    # the training, evaluation and pod tests compiles in half the time of depths (1, 1, 1, 1)
+    # (train step 9.2 s vs 19.0 s on one core). The full network's layers are test_models'.
+    cfg.model.arch.depths = (1, 1, 0, 0)
   for k, v in kw.items():
     node = cfg
     *path, last = k.split(".")
