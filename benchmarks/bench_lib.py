@@ -32,6 +32,23 @@ def arg_parser(doc: str) -> argparse.ArgumentParser:
   return p
 
 
+def add_arch_options(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+  """The architecture options of the benchmarks that build their networks here (`arch_overrides`)."""
+  p.add_argument("--depths", default="", help="blocks per stage, e.g. 1,1,0,0 (default: the model's own)")
+  return p
+
+
+# The smoke runs' network: the model's widths with Stage 1's and Stage 2's blocks only, as the tests'
+# small digits network; its programs compile in half the time of the full ge2mst_tiny.
+SMOKE_DEPTHS = "1,1,0,0"
+
+
+def arch_overrides(a: argparse.Namespace) -> dict:
+  """The architecture options given on the command line (`--depths`), for `train_config` and
+  `models.create_model`."""
+  return {"depths": tuple(int(d) for d in a.depths.split(","))} if a.depths else {}
+
+
 def matmul_rate(n: int, dtype=jnp.float32, repeats: int = 5) -> float:
   """FLOP/s of a dense `n x n` matmul through JAX on the default device (best of `repeats`)."""
   a = jnp.ones((n, n), dtype)

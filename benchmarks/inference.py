@@ -29,15 +29,15 @@ from ge2mst_jax import energy, evaluators, jpeg_records, models, train_state
 from ge2mst_jax import sharding as shd
 
 
-def bench(name: str, batch: int, T: int, K: int, steps: int, image_size: int | None) -> dict:
+def bench(name: str, batch: int, T: int, K: int, steps: int, image_size: int | None, **arch) -> dict:
   num_classes = 10 if (image_size or models.arch_config(name).image_size) < 224 else 1000
   size_kw = {"image_size": image_size} if image_size else {}
   # Same seed, same weights: the integration is a static choice of the spike trains.
   model, code_model = (models.create_model(name, num_classes, nnx.Rngs(0), T=T, K=K, spike_integration=i,
-                                           **size_kw) for i in ("steps", "code"))
+                                           **size_kw, **arch) for i in ("steps", "code"))
   size = model.cfg.image_size
   images = bench_lib.synthetic_batch(batch, size, 10)["image"]
-  row = {"model": name, "image_size": size, "batch": batch, "T": T, "K": K}
+  row = {"model": name, "depths": list(model.cfg.depths), "image_size": size, "batch": batch, "T": T, "K": K}
   fwds = {}
   for key, m, mode in (("quantize", model, "quantize"), ("spike", model, "spike"),
                        ("spike_code", code_model, "spike")):
@@ -60,10 +60,10 @@ def bench(name: str, batch: int, T: int, K: int, steps: int, image_size: int | N
   return row
 
 
-def evaluator_rate(name: str, batch: int, T: int, K: int, image_size: int | None, records: int) -> float:
+def evaluator_rate(name: str, batch: int, T: int, K: int, image_size: int | None, records: int, **arch) -> float:
   """Images/s of `evaluators.evaluate` (both modes) over `records` JPEG records, after a first
   pass that compiles and warms up."""
-  cfg = bench_lib.train_config(name, batch, image_size, T=T, K=K)
+  cfg = bench_lib.train_config(name, batch, image_size, T=T, K=K, **arch)
   with tempfile.TemporaryDirectory() as tmp:
     side = cfg.data.image_size
     jpeg_records.build(tmp, train=1, validation=records, size_range=(side * 8 // 7, side * 3 // 2))
@@ -82,7 +82,7 @@ def evaluator_rate(name: str, batch: int, T: int, K: int, image_size: int | None
 
 
 def main(argv=None):
-  p = bench_lib.arg_parser(__doc__)
+  p = bench_lib.add_arch_options(bench_lib.arg_parser(__doc__))
   p.add_argument("--models", default="ge2mst_tiny,ge2mst_small")
   p.add_argument("--batch", default="64,8", help="one batch size per model")
   p.add_argument("--T", type=int, default=4)
@@ -94,9 +94,11 @@ def main(argv=None):
   size = None
   if a.smoke:
     names, batches, a.steps, size, a.eval_records = ["ge2mst_tiny"], [4], 1, 16, 8
-  rows = [bench(n, b, a.T, a.K, a.steps, size) for n, b in zip(names, batches + batches[-1:] * len(names))]
+    a.depths = a.depths or bench_lib.SMOKE_DEPTHS
+  arch = bench_lib.arch_overrides(a)
+  rows = [bench(n, b, a.T, a.K, a.steps, size, **arch) for n, b in zip(names, batches + batches[-1:] * len(names))]
   for r in rows:
-    r["evaluator_images_per_s"] = evaluator_rate(r["model"], r["batch"], a.T, a.K, size, a.eval_records)
+    r["evaluator_images_per_s"] = evaluator_rate(r["model"], r["batch"], a.T, a.K, size, a.eval_records, **arch)
     # both forwards of one image, as the evaluator runs them (the timed forwards above)
     r["forwards_images_per_s"] = r["batch"] / (r["quantize_s"] + r["spike_s"])
     r["evaluator_over_forwards"] = r["forwards_images_per_s"] / r["evaluator_images_per_s"]

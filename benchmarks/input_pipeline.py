@@ -95,7 +95,7 @@ def eval_row(cfg, batch: int, workers: int) -> dict:
 
 
 def main(argv=None):
-  p = bench_lib.arg_parser(__doc__)
+  p = bench_lib.add_arch_options(bench_lib.arg_parser(__doc__))
   p.add_argument("--source", default="decoded,jpeg", help="comma-separated: decoded, jpeg")
   p.add_argument("--image_size", type=int, default=224)
   p.add_argument("--source_hw", default="375,500", help="decoded source's image size")
@@ -112,6 +112,7 @@ def main(argv=None):
   if a.smoke:
     a.image_size, a.source_hw, a.jpeg_sides, a.records, a.eval_records = 16, "40,48", "40,48", 16, 16
     a.batch, a.batches, a.workers, a.model, a.step_batch, a.steps = 8, 1, "0", "ge2mst_tiny", 4, 1
+    a.depths = a.depths or bench_lib.SMOKE_DEPTHS
   h, w = (int(v) for v in a.source_hw.split(","))
   cfg = imagenet2012.get_config("small")
   cfg.data.image_size = a.image_size
@@ -143,9 +144,10 @@ def main(argv=None):
         rows += [{"stage": f"jpeg: evaluation input, {wk} worker processes", "source": "jpeg",
                   "augment": "eval: centre crop 87.5% + resize", "batch": a.batch,
                   **eval_row(cfg, a.batch, int(wk))} for wk in a.workers.split(",")]
-  ts = bench_lib.TrainStep(bench_lib.train_config(a.model, a.step_batch, a.image_size))
+  ts = bench_lib.TrainStep(bench_lib.train_config(a.model, a.step_batch, a.image_size, **bench_lib.arch_overrides(a)))
   step_rate = a.step_batch / ts.run(a.steps)
-  rows.append({"stage": f"train step {a.model} @{a.image_size}", "workers": None, "batch": a.step_batch,
+  rows.append({"stage": f"train step {a.model} @{a.image_size}", "depths": list(ts.model().cfg.depths),
+               "workers": None, "batch": a.step_batch,
                "images_per_s": step_rate})
   for r in rows:
     r["vs_train_step"] = r["images_per_s"] / step_rate

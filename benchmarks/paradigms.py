@@ -20,16 +20,18 @@ from ge2mst_jax import energy
 
 
 def build(paradigm: str, T: int, a) -> tuple:
-  arch = dict(T=T, K=min(2, T), paradigm=paradigm)
+  arch = dict(T=T, K=min(2, T), paradigm=paradigm, **bench_lib.arch_overrides(a))
   return arch, bench_lib.TrainStep(bench_lib.train_config(a.model, a.batch, a.image_size, **arch))
 
 
 def describe(paradigm: str, T: int, arch: dict, ts, dt: float, a) -> dict:
   cfg = ts.cfg
   images = bench_lib.synthetic_batch(a.sop_images, cfg.data.image_size, 10, seed=1)["image"]
-  rep = energy.energy_report(ts.model(), images)
+  model = ts.model()
+  rep = energy.energy_report(model, images)
   mem = ts.memory()
   return {"paradigm": paradigm, "T": T, "K": arch["K"] if paradigm == "expg" else None, "model": a.model,
+          "depths": list(model.cfg.depths),
           "image_size": cfg.data.image_size, "batch": a.batch, "step_s": dt, "images_per_s": a.batch / dt,
           **mem, "peak_mib": mem["peak_bytes"] / 2 ** 20, "temp_mib": mem["temp_bytes"] / 2 ** 20, "compile_s": ts.compile_s,
           "sops_per_image": rep["sops_per_image"], "msops_per_image": rep["sops_per_image"] / 1e6,
@@ -37,7 +39,7 @@ def describe(paradigm: str, T: int, arch: dict, ts, dt: float, a) -> dict:
 
 
 def main(argv=None):
-  p = bench_lib.arg_parser(__doc__)
+  p = bench_lib.add_arch_options(bench_lib.arg_parser(__doc__))
   p.add_argument("--model", default="ge2mst_tiny")
   p.add_argument("--image_size", type=int, default=None, help="default: the model's own")
   p.add_argument("--batch", type=int, default=32)
@@ -49,6 +51,7 @@ def main(argv=None):
   Ts = [int(t) for t in a.Ts.split(",")]
   if a.smoke:
     a.image_size, a.batch, a.steps, a.sop_images, Ts = 16, 4, 1, 2, [4]  # T=4: train_step.py's smoke step
+    a.depths = a.depths or bench_lib.SMOKE_DEPTHS
   configs = [(par, T) for par in a.paradigms.split(",") for T in Ts]
   built = [build(par, T, a) for par, T in configs]
   # Every configuration is compiled first and then timed in turn, round after round.

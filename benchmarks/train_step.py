@@ -16,20 +16,21 @@ import jax.numpy as jnp
 from ge2mst_jax import energy
 
 
-def bench_model(name: str, batch: int, steps: int, dtype: str, image_size: int | None = None) -> dict:
-  ts = bench_lib.TrainStep(bench_lib.train_config(name, batch, image_size, dtype=dtype))
+def bench_model(name: str, batch: int, steps: int, dtype: str, image_size: int | None = None, **arch) -> dict:
+  ts = bench_lib.TrainStep(bench_lib.train_config(name, batch, image_size, dtype=dtype, **arch))
   dt = ts.run(steps)
   size = ts.cfg.data.image_size
   macs = energy.model_macs(ts.model(), (size, size, 3))["macs_per_image"]
   flops = macs * 2 * 3 * batch / dt   # forward MACs x (multiply + add) x (forward + backward)
-  return {"model": name, "image_size": size, "batch": batch, "dtype": dtype, "step_s": dt,
+  return {"model": name, "depths": list(ts.model().cfg.depths), "image_size": size, "batch": batch, "dtype": dtype,
+          "step_s": dt,
           "images_per_s": batch / dt, "model_flops_per_s": flops, "model_gflops_per_s": flops / 1e9,
           "macs_per_image": macs,
           "trace_s": ts.trace_s, "compile_s": ts.compile_s, **ts.memory()}
 
 
 def main(argv=None):
-  p = bench_lib.arg_parser(__doc__)
+  p = bench_lib.add_arch_options(bench_lib.arg_parser(__doc__))
   p.add_argument("--models", default="ge2mst_tiny,ge2mst_small")
   p.add_argument("--batch", default="64,16", help="one batch size per model")
   p.add_argument("--steps", type=int, default=5)
@@ -40,10 +41,11 @@ def main(argv=None):
   size = None
   if a.smoke:  # the same tiny step as the other benchmarks' smoke runs: compiled once, cached
     names, batches, a.steps, a.matmul_n, size = ["ge2mst_tiny"], [4], 1, 256, 16
+    a.depths = a.depths or bench_lib.SMOKE_DEPTHS
   peak = bench_lib.matmul_rate(a.matmul_n, jnp.bfloat16 if a.dtype == "bfloat16" else jnp.float32)
   rows = []
   for name, batch in zip(names, batches + batches[-1:] * len(names)):
-    r = bench_model(name, batch, a.steps, a.dtype, size)
+    r = bench_model(name, batch, a.steps, a.dtype, size, **bench_lib.arch_overrides(a))
     r["fraction_of_matmul_rate"] = r["model_flops_per_s"] / peak
     rows.append(r)
   bench_lib.print_table(rows, [("model", "model", "s"), ("size", "image_size", "d"), ("batch", "batch", "d"),

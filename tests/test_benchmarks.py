@@ -12,11 +12,11 @@ from tests.test_train import ROOT
 MACHINE_KEYS = {"benchmark", "date", "machine", "processor", "cpu_count", "device_kind", "device_count", "platform",
                 "jax", "flax", "python", "smoke", "rows"}
 ROW_KEYS = {
-    "train_step": {"model", "image_size", "batch", "dtype", "step_s", "images_per_s", "model_flops_per_s",
+    "train_step": {"model", "depths", "image_size", "batch", "dtype", "step_s", "images_per_s", "model_flops_per_s",
                    "macs_per_image", "fraction_of_matmul_rate", "peak_bytes", "temp_bytes", "trace_s", "compile_s"},
-    "paradigms": {"paradigm", "T", "K", "step_s", "images_per_s", "peak_bytes", "temp_bytes", "time_vs_T1",
+    "paradigms": {"paradigm", "depths", "T", "K", "step_s", "images_per_s", "peak_bytes", "temp_bytes", "time_vs_T1",
                   "memory_vs_T1", "sops_per_image", "mean_firing_rate"},
-    "inference": {"model", "T", "K", "quantize_s", "spike_s", "spike_over_quantize", "spike_code_s",
+    "inference": {"model", "depths", "T", "K", "quantize_s", "spike_s", "spike_over_quantize", "spike_code_s",
                   "spike_code_over_quantize", "code_vs_steps_max_abs_logit_diff", "sops_per_image",
                   "flops_per_image", "sops_over_flops", "evaluator_images_per_s", "forwards_images_per_s",
                   "evaluator_over_forwards"},
@@ -46,6 +46,7 @@ def test_benchmark_smoke_writes_its_json(name, smoke_runs):
   assert MACHINE_KEYS <= set(res) and res["benchmark"] == name and res["smoke"] is True
   assert res["rows"] and all(ROW_KEYS[name] <= set(row) for row in res["rows"])
   assert all(row["images_per_s"] > 0 for row in res["rows"] if "images_per_s" in row)
+  assert all(row["depths"] == [1, 1, 0, 0] for row in res["rows"] if "depths" in row)   # --smoke's network
   if name == "train_step":
     assert res["matmul_flops_per_s"] > 0 and 0 < res["rows"][0]["fraction_of_matmul_rate"]
   if name == "paradigms":

@@ -45,6 +45,11 @@ def small_digits(steps=12, small_net=True, **kw):
   return cfg
 
 
+# The default tiny network's widths and image size with the small network's depths: as wide as the
+# sharding and learning checks need, half the compile of all four blocks.
+SHALLOW = {"model.arch.depths": (1, 1, 0, 0)}
+
+
 def read_metrics(workdir, kind="train"):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     return [r for r in map(json.loads, f) if r["kind"] == kind]
@@ -62,7 +67,8 @@ def params_of(state):
 
 
 def test_short_digits_run_learns_and_evaluates_both_modes(tmp_path):
-  out = train_lib.train_and_evaluate(small_digits(40, small_net=False, **{"optimizer.lr": 0.2}), str(tmp_path), quiet=True)
+  cfg = small_digits(40, small_net=False, **{"optimizer.lr": 0.2, **SHALLOW})
+  out = train_lib.train_and_evaluate(cfg, str(tmp_path), quiet=True)
   losses = [r["loss"] for r in read_metrics(tmp_path)]
   assert len(losses) == 40
   assert np.mean(losses[-5:]) < 0.75 * np.mean(losses[:5])
@@ -89,7 +95,7 @@ def test_eight_devices_match_one_device_and_shard_parameters():
   # sees the sharding, not quantizer levels flipping on last-bit reduction-order differences.
   # SGD: Adam's first steps are sign(g), which turns last-bit reduction-order noise on
   # gradients that are zero in exact arithmetic (BN biases) into full learning-rate steps.
-  cfg = small_digits(1000, small_net=False, **{"optimizer.name": "sgd", "optimizer.lr": 0.05})
+  cfg = small_digits(1000, small_net=False, **{"optimizer.name": "sgd", "optimizer.lr": 0.05, **SHALLOW})
   cfg.mesh.fsdp = 4
   it = iter(data_lib.train_dataset(cfg.data, cfg.batch_size, cfg.seed))
   batches = [next(it) for _ in range(3)]
