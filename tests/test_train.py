@@ -199,6 +199,7 @@ def test_tfds_cifar10_pipeline_and_training_on_mock_data(tmp_path):
   cfg.batch_size, cfg.eval_batch_size, cfg.total_steps = 16, 16, 2
   cfg.log_every, cfg.checkpoint_every, cfg.async_checkpoints = 1, 0, False
   cfg.eval_modes = ("quantize",)
+  cfg.model.arch.depths = SHALLOW["model.arch.depths"]   # the pipeline under test, not the network
   with tfds.testing.mock_data(num_examples=40):
     b = next(iter(data_lib.train_dataset(cfg.data, 16, 0)))
     assert b["image"].shape == (16, 32, 32, 3) and b["image"].dtype == np.float32 and b["label"].shape == (16,)
