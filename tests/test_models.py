@@ -384,7 +384,7 @@ def test_spike_mode_is_multiplication_free(monkeypatch):
   """Every synaptic layer and attention product in spike mode receives spike tensors only,
   and no neuron fires more than K times."""
   K = 2
-  received = {"conv": [], "product": []}   # what each layer was handed, taken out of the jitted forward
+  received = {"conv": [], "product": []}   # what the layers are handed, filled while tracing
 
   conv_call = blocks.SynapticConv.__call__
 
@@ -405,9 +405,9 @@ def test_spike_mode_is_multiplication_free(monkeypatch):
   model.eval()
   # One compiled forward instead of hundreds of eager operations: the inputs the spies saw while
   # tracing come back as outputs, every one with its concrete spikes.
-  received = nnx.jit(lambda m, x: (m(x, mode="spike"), received)[1])(model, jax.random.normal(jax.random.key(0),
-                                                                                               (2, 32, 32, 3)))
-  for train in received["conv"] + received["product"]:
+  images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+  handed = nnx.jit(lambda m, x: (m(x, mode="spike"), received)[1])(model, images)
+  for train in handed["conv"] + handed["product"]:
     assert isinstance(train, SpikeTrain)
     vals = set(np.unique(np.asarray(train.spikes)).tolist())
     assert vals <= {-1.0, 0.0, 1.0}, vals
@@ -415,7 +415,7 @@ def test_spike_mode_is_multiplication_free(monkeypatch):
   n_syn = sum(isinstance(m, blocks.SynapticConv) for _, m in nnx.iter_graph(model)) - 1  # minus the stem
   # two products (QK^T, AV) per attention part: GW-SSA has a global and a local part, SSA one
   n_products = sum(2 * len(m.parts) for _, m in nnx.iter_graph(model) if isinstance(m, attention.SpikingAttention))
-  assert len(received["conv"]) == n_syn and len(received["product"]) == 2 * n_products == 20
+  assert len(handed["conv"]) == n_syn and len(handed["product"]) == 2 * n_products == 20
 
 
 PAPER_PARAMS = {"ge2mst_small": 5.35e6, "ge2mst_base": 9.36e6, "ge2mst_large": 14.48e6}
