@@ -146,7 +146,7 @@ def main(argv=None):
                   **eval_row(cfg, a.batch, int(wk))} for wk in a.workers.split(",")]
   ts = bench_lib.TrainStep(bench_lib.train_config(a.model, a.step_batch, a.image_size, **bench_lib.arch_overrides(a)))
   step_rate = a.step_batch / ts.run(a.steps)
-  rows.append({"stage": f"train step {a.model} @{a.image_size}", "depths": list(ts.model().cfg.depths),
+  rows.append({"stage": f"train step {a.model} @{a.image_size}", "depths": list(ts.cfg.model.arch.depths),
                "workers": None, "batch": a.step_batch, "images_per_s": step_rate})
   for r in rows:
     r["vs_train_step"] = r["images_per_s"] / step_rate

@@ -27,11 +27,10 @@ def build(paradigm: str, T: int, a) -> tuple:
 def describe(paradigm: str, T: int, arch: dict, ts, dt: float, a) -> dict:
   cfg = ts.cfg
   images = bench_lib.synthetic_batch(a.sop_images, cfg.data.image_size, 10, seed=1)["image"]
-  model = ts.model()
-  rep = energy.energy_report(model, images)
+  rep = energy.energy_report(ts.model(), images)
   mem = ts.memory()
   return {"paradigm": paradigm, "T": T, "K": arch["K"] if paradigm == "expg" else None, "model": a.model,
-          "depths": list(model.cfg.depths),
+          "depths": list(cfg.model.arch.depths),
           "image_size": cfg.data.image_size, "batch": a.batch, "step_s": dt, "images_per_s": a.batch / dt,
           **mem, "peak_mib": mem["peak_bytes"] / 2 ** 20, "temp_mib": mem["temp_bytes"] / 2 ** 20, "compile_s": ts.compile_s,
           "sops_per_image": rep["sops_per_image"], "msops_per_image": rep["sops_per_image"] / 1e6,

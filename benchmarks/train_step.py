@@ -22,11 +22,9 @@ def bench_model(name: str, batch: int, steps: int, dtype: str, image_size: int |
   size = ts.cfg.data.image_size
   macs = energy.model_macs(ts.model(), (size, size, 3))["macs_per_image"]
   flops = macs * 2 * 3 * batch / dt   # forward MACs x (multiply + add) x (forward + backward)
-  return {"model": name, "depths": list(ts.model().cfg.depths), "image_size": size, "batch": batch, "dtype": dtype,
-          "step_s": dt,
-          "images_per_s": batch / dt, "model_flops_per_s": flops, "model_gflops_per_s": flops / 1e9,
-          "macs_per_image": macs,
-          "trace_s": ts.trace_s, "compile_s": ts.compile_s, **ts.memory()}
+  return {"model": name, "depths": list(ts.cfg.model.arch.depths), "image_size": size, "batch": batch, "dtype": dtype,
+          "step_s": dt, "images_per_s": batch / dt, "model_flops_per_s": flops, "model_gflops_per_s": flops / 1e9,
+          "macs_per_image": macs, "trace_s": ts.trace_s, "compile_s": ts.compile_s, **ts.memory()}
 
 
 def main(argv=None):

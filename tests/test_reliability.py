@@ -19,12 +19,12 @@ from ge2mst_jax import errors
 from ge2mst_jax import sharding as shd
 from ge2mst_jax import train_lib
 from tests import cpu, faults, waiting
-from tests.test_train import ROOT, read_metrics, small_digits
+from tests.test_train import ROOT, SHALLOW_DEPTHS, read_metrics, small_digits
 
 CLI_SMALL = [  # the tests' small digits network (tests.test_train.small_digits); async saves by default
     "--config.batch_size=32", "--config.data.image_size=16", "--config.model.arch.image_size=16",
     "--config.model.arch.widths=(8,16,16,32)", "--config.model.arch.heads=(1,1,1)",
-    "--config.model.arch.stem_width=8", "--config.model.arch.depths=(1,1,0,0)", "--config.log_every=1",
+    "--config.model.arch.stem_width=8", f"--config.model.arch.depths={SHALLOW_DEPTHS}", "--config.log_every=1",
     "--config.eval_modes=('quantize',)"]
 
 

@@ -21,6 +21,12 @@ from tests import faults
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+# Stage 1's block and Stage 2's GW-SSA block; stages 3 and 4 only downsample. The tests of training,
+# evaluation, checkpoints and pods run this depth: their programs compile in half the time of depths
+# (1, 1, 1, 1) (train step 9.2 s vs 19.0 s on one core). The full network's layers are test_models'.
+SHALLOW_DEPTHS = (1, 1, 0, 0)
+
+
 def small_digits(steps=12, small_net=True, **kw):
   cfg = digits.get_config(f"steps={steps}")
   cfg.batch_size, cfg.eval_batch_size = 32, 120
@@ -32,10 +38,7 @@ def small_digits(steps=12, small_net=True, **kw):
     cfg.data.image_size = cfg.model.arch.image_size = 16
     cfg.model.arch.widths, cfg.model.arch.heads = (8, 16, 16, 32), (1, 1, 1)
     cfg.model.arch.stem_width = 8
-    # Stage 1's block and Stage 2's GW-SSA block; stages 3 and 4 only downsample. Every program of
-    # the training, evaluation and pod tests compiles in half the time of depths (1, 1, 1, 1)
-    # (train step 9.2 s vs 19.0 s on one core). The full network's layers are test_models'.
-    cfg.model.arch.depths = (1, 1, 0, 0)
+    cfg.model.arch.depths = SHALLOW_DEPTHS
   for k, v in kw.items():
     node = cfg
     *path, last = k.split(".")
@@ -43,11 +46,6 @@ def small_digits(steps=12, small_net=True, **kw):
       node = node[p]
     node[last] = v
   return cfg
-
-
-# The default tiny network's widths and image size with the small network's depths: as wide as the
-# sharding and learning checks need, half the compile of all four blocks.
-SHALLOW = {"model.arch.depths": (1, 1, 0, 0)}
 
 
 def read_metrics(workdir, kind="train"):
@@ -67,7 +65,8 @@ def params_of(state):
 
 
 def test_short_digits_run_learns_and_evaluates_both_modes(tmp_path):
-  cfg = small_digits(40, small_net=False, **{"optimizer.lr": 0.2, **SHALLOW})
+  # The tiny network's widths and image size (the learning rate is tuned to them), shallow.
+  cfg = small_digits(40, small_net=False, **{"optimizer.lr": 0.2, "model.arch.depths": SHALLOW_DEPTHS})
   out = train_lib.train_and_evaluate(cfg, str(tmp_path), quiet=True)
   losses = [r["loss"] for r in read_metrics(tmp_path)]
   assert len(losses) == 40
@@ -95,7 +94,8 @@ def test_eight_devices_match_one_device_and_shard_parameters():
   # sees the sharding, not quantizer levels flipping on last-bit reduction-order differences.
   # SGD: Adam's first steps are sign(g), which turns last-bit reduction-order noise on
   # gradients that are zero in exact arithmetic (BN biases) into full learning-rate steps.
-  cfg = small_digits(1000, small_net=False, **{"optimizer.name": "sgd", "optimizer.lr": 0.05, **SHALLOW})
+  cfg = small_digits(1000, small_net=False, **{"optimizer.name": "sgd", "optimizer.lr": 0.05,
+                                                "model.arch.depths": SHALLOW_DEPTHS})   # shardable widths
   cfg.mesh.fsdp = 4
   it = iter(data_lib.train_dataset(cfg.data, cfg.batch_size, cfg.seed))
   batches = [next(it) for _ in range(3)]
@@ -199,7 +199,7 @@ def test_tfds_cifar10_pipeline_and_training_on_mock_data(tmp_path):
   cfg.batch_size, cfg.eval_batch_size, cfg.total_steps = 16, 16, 2
   cfg.log_every, cfg.checkpoint_every, cfg.async_checkpoints = 1, 0, False
   cfg.eval_modes = ("quantize",)
-  cfg.model.arch.depths = SHALLOW["model.arch.depths"]   # the pipeline under test, not the network
+  cfg.model.arch.depths = SHALLOW_DEPTHS   # the pipeline under test, not the network
   with tfds.testing.mock_data(num_examples=40):
     b = next(iter(data_lib.train_dataset(cfg.data, 16, 0)))
     assert b["image"].shape == (16, 32, 32, 3) and b["image"].dtype == np.float32 and b["label"].shape == (16,)
