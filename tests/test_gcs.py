@@ -93,8 +93,9 @@ def test_a_run_lives_in_a_bucket(gcs, tmp_path, monkeypatch):
   assert any(p.name.startswith("events.out.tfevents") for p in (root / "tb").iterdir())
   assert not (root / run_control.LEASE_FILE).exists() and os.listdir(tmp_path) == []
 
-  # Evaluate and export from the bucket, into the bucket.
-  rep = evaluation.evaluate_checkpoint(cfg, root / "checkpoints", energy_images=8)
+  # Evaluate and export from the bucket, into the bucket. (16 energy images and both modes on 4
+  # images below: test_eval's programs, compiled once for both files.)
+  rep = evaluation.evaluate_checkpoint(cfg, root / "checkpoints", energy_images=16)
   assert rep["step"] == 8 and rep["accuracy_spike"] == again["accuracy_spike"]
   files = evaluation.write_report(rep, root / "eval")
   assert files["json"] == f"{wd}/eval/report.json" and (root / "eval" / "sops.png").exists()
@@ -103,8 +104,9 @@ def test_a_run_lives_in_a_bucket(gcs, tmp_path, monkeypatch):
   model_b, cfg_b = load(out)
   assert cfg_b.total_steps == 8
   images = np.random.default_rng(0).uniform(-1, 1, (4, 16, 16, 3)).astype(np.float32)
-  spike = nnx.jit(lambda m, x: m(x, mode="spike"))   # one compile for both: the same graph
-  np.testing.assert_array_equal(np.asarray(spike(model_a, images)), np.asarray(spike(model_b, images)))
+  both = nnx.jit(lambda m, x: (m(x, mode="quantize"), m(x, mode="spike")))   # one compile for both models
+  for a, b in zip(both(model_a, images), both(model_b, images)):
+    np.testing.assert_array_equal(a, b)
   assert os.listdir(tmp_path) == []
 
 

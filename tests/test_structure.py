@@ -10,6 +10,7 @@ import numpy as np
 from flax import nnx
 
 from ge2mst_jax import energy, models
+from tests import test_spike_audit
 from tests.test_train import ROOT
 
 PACKAGE = pathlib.Path(ROOT) / "ge2mst_jax"
@@ -83,10 +84,11 @@ def _batchnorm_modes(model) -> set[bool]:
 
 
 def test_energy_functions_leave_the_model_in_its_mode():
-  model = models.create_model("ge2mst_tiny", 10, image_size=16, T=2)
+  # test_spike_audit's network and images: one compile of the instrumented pass serves both files.
+  model = models.create_model("ge2mst_tiny", 10, image_size=16)
   assert _batchnorm_modes(model) == {False}   # training mode
   before = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model)))
-  energy.energy_report(model, jax.random.normal(jax.random.key(0), (2, 16, 16, 3)))
+  energy.energy_report(model, test_spike_audit.IMAGES)
   energy.model_macs(model, (16, 16, 3))
   assert _batchnorm_modes(model) == {False}
   after = nnx.to_pure_dict(nnx.state(model))
