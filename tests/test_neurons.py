@@ -12,9 +12,16 @@ from hypothesis import given, settings, strategies as st
 from ge2mst_jax import neurons as nr
 
 TK = [(T, K) for T in range(1, 9) for K in range(1, T + 1)]
-quantize = jax.jit(nr.expg_quantize, static_argnums=(2, 3, 4))
 emit = jax.jit(nr.expg_spikes, static_argnums=(2, 3, 4))
-emit_by_scan = jax.jit(functools.partial(nr.expg_spikes, emitter="scan"), static_argnums=(2, 3, 4))
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4))
+def quantize_and_emit(x, lam, T: int, K: int, symmetric: bool):
+  """The quantizer, the emitter (spikes, thetas) and the IF scan emitter's spikes, as one program:
+  the tests compare the three for 72 (T, K, sign) cases, and a compile's fixed cost (~0.09 s
+  here) is most of each of these small programs' (216 compiles -> 72)."""
+  return (nr.expg_quantize(x, lam, T, K, symmetric), *nr.expg_spikes(x, lam, T, K, symmetric),
+          nr.expg_spikes(x, lam, T, K, symmetric, emitter="scan")[0])
 
 
 def _probe_inputs(lam, T, K, n=257, seed=0, size=2048):
@@ -61,11 +68,10 @@ def test_level_counts_and_patterns(T, K):
 def test_spikes_decode_bitwise_to_quantizer(T, K, symmetric):
   for seed, lam in enumerate([0.37, 1e-3, 123.25]):
     x = _probe_inputs(lam, T, K, seed=seed)
-    q = quantize(x, lam, T, K, symmetric)
-    spikes, thetas = emit(x, lam, T, K, symmetric)
+    q, spikes, thetas, scanned = quantize_and_emit(x, lam, T, K, symmetric)
     assert spikes.shape == (T, *x.shape)
     # the vectorised emitter reads the digits the IF scan with soft reset fires
-    np.testing.assert_array_equal(spikes, emit_by_scan(x, lam, T, K, symmetric)[0])
+    np.testing.assert_array_equal(spikes, scanned)
     allowed = {-1.0, 0.0, 1.0} if symmetric else {0.0, 1.0}
     assert set(np.unique(np.asarray(spikes)).tolist()) <= allowed
     code = np.tensordot(2 ** np.arange(T - 1, -1, -1), np.asarray(spikes), axes=1)
@@ -91,8 +97,7 @@ def test_spikes_decode_bitwise_to_quantizer(T, K, symmetric):
 def test_lossless_property(T, data, lam, xs, symmetric):
   K = data.draw(st.integers(1, T))
   x = jnp.asarray(xs + [0.0] * (2048 - len(xs)), jnp.float32)  # _probe_inputs' shape: its (T, K) compiles serve
-  q = quantize(x, lam, T, K, symmetric)
-  spikes, _ = emit(x, lam, T, K, symmetric)
+  q, spikes, _, _ = quantize_and_emit(x, lam, T, K, symmetric)
   dec = nr.SpikeTrain(spikes, nr.code_scale(lam, T, K)).decode()
   assert np.array_equal(np.asarray(dec).view(np.int32), np.asarray(q).view(np.int32))
   assert int(jnp.abs(spikes).sum(0).max()) <= K
@@ -117,6 +122,12 @@ def test_search_and_compare_methods_agree():
 ARITH_TK = [(T, K) for T in range(1, 17) for K in sorted({1, 2, T}) if K <= T and (K <= 2 or T <= 8)]
 
 
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def arith_and_chain(x, lam, T: int, K: int):
+  """Both searches as one program: one compile per (T, K) and lam's shape (see quantize_and_emit)."""
+  return nr.expg_code(x, lam, T, K, "arith"), nr.expg_code(x, lam, T, K, "compare")
+
+
 @pytest.mark.parametrize("T,K", ARITH_TK)
 def test_arithmetic_level_search_equals_comparison_chain(T, K):
   """The bit-arithmetic search gives the chain's integers everywhere: random values, values a
@@ -128,8 +139,8 @@ def test_arithmetic_level_search_equals_comparison_chain(T, K):
                          [jnp.ones((2,), jnp.float32)])
   code = jax.jit(nr.expg_code, static_argnums=(2, 3, 4))
   for lam in (lams, jnp.float32(0.37)):
-    want = code(x, lam, T, K, "compare")
-    np.testing.assert_array_equal(code(x, lam, T, K, "arith"), want)
+    arith, want = arith_and_chain(x, lam, T, K)
+    np.testing.assert_array_equal(arith, want)
     np.testing.assert_array_equal(nr.expg_code(x, lam, T, K, "arith"), want)
   assert set(np.unique(np.asarray(want))) == set(nr.expg_levels(T, K).codes.tolist())  # every level reached
   if (T, K) == (8, 2):
