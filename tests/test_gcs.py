@@ -64,6 +64,7 @@ def _metrics(wd):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("trained_digits")   # test_eval's worker: its programs compile once for both
 def test_a_run_lives_in_a_bucket(gcs, tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)   # anything written locally by mistake would land here
   wd = f"{gcs}/runs/digits"

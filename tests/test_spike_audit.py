@@ -5,6 +5,9 @@ from flax import nnx
 
 from ge2mst_jax import attention, models, spike_audit
 
+# One worker for these tests and test_structure's energy check, which shares their programs.
+pytestmark = pytest.mark.xdist_group("spike_audit")
+
 IMAGES = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
 
 

@@ -7,6 +7,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 from flax import nnx
 
 from ge2mst_jax import energy, models
@@ -83,6 +84,7 @@ def _batchnorm_modes(model) -> set[bool]:
   return {m.use_running_average for _, m in nnx.iter_graph(model) if isinstance(m, nnx.BatchNorm)}
 
 
+@pytest.mark.xdist_group("spike_audit")   # on test_spike_audit's worker, whose programs it shares
 def test_energy_functions_leave_the_model_in_its_mode():
   # test_spike_audit's network and images: one compile of the instrumented pass serves both files.
   model = models.create_model("ge2mst_tiny", 10, image_size=16)
