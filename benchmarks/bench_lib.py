@@ -46,9 +46,10 @@ SMOKE_DEPTHS = "1,0,0,0"
 
 
 def arch_overrides(a: argparse.Namespace) -> dict:
-  """The architecture options given on the command line (`--depths`), for `train_config` and
-  `models.create_model`."""
-  return {"depths": tuple(int(d) for d in a.depths.split(","))} if a.depths else {}
+  """The architecture options given on the command line (`--depths`; `SMOKE_DEPTHS` under --smoke
+  unless given), for `train_config` and `models.create_model`."""
+  depths = a.depths or (SMOKE_DEPTHS if a.smoke else "")
+  return {"depths": tuple(int(d) for d in depths.split(","))} if depths else {}
 
 
 def matmul_rate(n: int, dtype=jnp.float32, repeats: int = 5) -> float:

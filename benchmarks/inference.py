@@ -94,7 +94,6 @@ def main(argv=None):
   size = None
   if a.smoke:
     names, batches, a.steps, size, a.eval_records = ["ge2mst_tiny"], [4], 1, 16, 8
-    a.depths = a.depths or bench_lib.SMOKE_DEPTHS
   arch = bench_lib.arch_overrides(a)
   rows = [bench(n, b, a.T, a.K, a.steps, size, **arch) for n, b in zip(names, batches + batches[-1:] * len(names))]
   for r in rows:

@@ -112,7 +112,6 @@ def main(argv=None):
   if a.smoke:
     a.image_size, a.source_hw, a.jpeg_sides, a.records, a.eval_records = 16, "40,48", "40,48", 16, 16
     a.batch, a.batches, a.workers, a.model, a.step_batch, a.steps = 8, 1, "0", "ge2mst_tiny", 4, 1
-    a.depths = a.depths or bench_lib.SMOKE_DEPTHS
   h, w = (int(v) for v in a.source_hw.split(","))
   cfg = imagenet2012.get_config("small")
   cfg.data.image_size = a.image_size

@@ -50,7 +50,6 @@ def main(argv=None):
   Ts = [int(t) for t in a.Ts.split(",")]
   if a.smoke:
     a.image_size, a.batch, a.steps, a.sop_images, Ts = 16, 4, 1, 2, [4]  # T=4: train_step.py's smoke step
-    a.depths = a.depths or bench_lib.SMOKE_DEPTHS
   configs = [(par, T) for par in a.paradigms.split(",") for T in Ts]
   built = [build(par, T, a) for par, T in configs]
   # Every configuration is compiled first and then timed in turn, round after round.

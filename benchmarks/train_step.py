@@ -39,7 +39,6 @@ def main(argv=None):
   size = None
   if a.smoke:  # the same tiny step as the other benchmarks' smoke runs: compiled once, cached
     names, batches, a.steps, a.matmul_n, size = ["ge2mst_tiny"], [4], 1, 256, 16
-    a.depths = a.depths or bench_lib.SMOKE_DEPTHS
   peak = bench_lib.matmul_rate(a.matmul_n, jnp.bfloat16 if a.dtype == "bfloat16" else jnp.float32)
   rows = []
   for name, batch in zip(names, batches + batches[-1:] * len(names)):

@@ -17,6 +17,7 @@ from ge2mst_jax import checkpoint as ckpt_lib
 from ge2mst_jax import data as data_lib
 from ge2mst_jax import evaluation, evaluators, train_lib, train_state, weights
 from ge2mst_jax import sharding as shd
+from tests.test_models import both_modes
 from tests.test_train import ROOT, cross_device_ops, small_digits
 
 # The tests share a module fixture: one worker computes it once.
@@ -79,8 +80,7 @@ def test_load_export_round_trip_gives_identical_logits(trained, tmp_path):
   x = jax.random.normal(jax.random.key(0), (4, 16, 16, 3))
   path = ge2mst_jax.export(workdir, str(tmp_path / "digits.safetensors"))
   model2, _ = ge2mst_jax.load(path)
-  both = nnx.jit(lambda m, x: (m(x, mode="quantize"), m(x, mode="spike")))
-  for a, b in zip(both(model, x), both(model2, x)):
+  for a, b in zip(both_modes(model, x), both_modes(model2, x)):
     np.testing.assert_array_equal(a, b)
 
 

@@ -11,7 +11,6 @@ import time
 import numpy as np
 import pytest
 from etils import epath
-from flax import nnx
 
 from ge2mst_jax import evaluation
 from ge2mst_jax import paths
@@ -20,6 +19,7 @@ from ge2mst_jax import sharding as shd
 from ge2mst_jax import train_lib
 from ge2mst_jax.weights import export, load
 from tests import faults
+from tests.test_models import both_modes
 from tests.test_train import small_digits
 
 BUCKET = "ge2mst-test"
@@ -105,8 +105,7 @@ def test_a_run_lives_in_a_bucket(gcs, tmp_path, monkeypatch):
   model_b, cfg_b = load(out)
   assert cfg_b.total_steps == 8
   images = np.random.default_rng(0).uniform(-1, 1, (4, 16, 16, 3)).astype(np.float32)
-  both = nnx.jit(lambda m, x: (m(x, mode="quantize"), m(x, mode="spike")))   # one compile for both models
-  for a, b in zip(both(model_a, images), both(model_b, images)):
+  for a, b in zip(both_modes(model_a, images), both_modes(model_b, images)):
     np.testing.assert_array_equal(a, b)
   assert os.listdir(tmp_path) == []
 
