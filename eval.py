@@ -6,7 +6,7 @@ Writes DIR/eval/report.json, report.md, sops.png and firing_rates.png.
 """
 import sys
 
-from ge2mst_jax.hugepages import reexec_with_huge_pages
+from ge2mst_jax.io.hugepages import reexec_with_huge_pages
 
 if __name__ == "__main__":
   reexec_with_huge_pages()  # first, before JAX or a config file is imported: they would load twice
@@ -14,7 +14,7 @@ if __name__ == "__main__":
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from ge2mst_jax.cli import guard, load_config, parse_flags  # noqa: E402
+from ge2mst_jax.io.cli import guard, load_config, parse_flags  # noqa: E402
 
 guard(lambda: config_flags.DEFINE_config_file("config", None, "Config file (default: the work directory's config.json).",
                                               lock_config=False))
@@ -32,8 +32,10 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv
-  from ge2mst_jax import evaluation, paths, saved_config, sharding
-  from ge2mst_jax.errors import CheckpointError
+  from ge2mst_jax.evaluate import report as evaluation
+  from ge2mst_jax.io import paths, saved_config
+  from ge2mst_jax.train import sharding
+  from ge2mst_jax.io.errors import CheckpointError
 
   if not FLAGS.workdir and not FLAGS.checkpoint:
     sys.exit("eval.py: pass --workdir (a train.py work directory) or --checkpoint.")
@@ -64,7 +66,7 @@ def main(argv):
   print(evaluation.markdown_report(rep, sweep).split("## SOPs per stage")[0])
   print(f"report: {files['md']}  json: {files['json']}  plots: {', '.join(files['plots'])}")
   if FLAGS.audit:
-    from ge2mst_jax import spike_audit
+    from ge2mst_jax.evaluate import spike_audit
     result = rep["spike_audit"]
     print(spike_audit.markdown_table(result))
     if result["unexpected"] or not result["sops_match"]:

@@ -6,7 +6,7 @@
 import os
 import sys
 
-from ge2mst_jax.hugepages import reexec_with_huge_pages
+from ge2mst_jax.io.hugepages import reexec_with_huge_pages
 
 if __name__ == "__main__":
   reexec_with_huge_pages()  # first, before JAX or a config file is imported: they would load twice
@@ -14,7 +14,7 @@ if __name__ == "__main__":
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from ge2mst_jax.cli import guard, load_config, parse_flags  # noqa: E402
+from ge2mst_jax.io.cli import guard, load_config, parse_flags  # noqa: E402
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "digits.py")
 
@@ -31,7 +31,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments {argv[1:]}: options are --config, --workdir, --config.KEY=VALUE.")
   # After flag parsing: JAX starts only for a valid command line.
-  from ge2mst_jax import errors, sharding, train_lib
+  from ge2mst_jax.io import errors
+  from ge2mst_jax.train import sharding, loop as train_lib
 
   cfg = load_config()
   sharding.enable_compile_cache(cfg.compile_cache_dir)

@@ -10,7 +10,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ge2mst_jax.hugepages import reexec_with_huge_pages
+from ge2mst_jax.io.hugepages import reexec_with_huge_pages
 
 reexec_with_huge_pages()  # every benchmark is a script that imports this first: measure as train.py runs
 
@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import common as config_common
-from ge2mst_jax import models, sharding as shd, train_lib, train_state
+from ge2mst_jax.nn import models
+from ge2mst_jax.train import sharding as shd, loop as train_lib, state as train_state
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 

@@ -25,8 +25,11 @@ import jax
 import numpy as np
 from flax import nnx
 
-from ge2mst_jax import energy, evaluators, jpeg_records, models, train_state
-from ge2mst_jax import sharding as shd
+from tests import jpeg_records
+from ge2mst_jax.evaluate import energy
+from ge2mst_jax.train import evaluator as evaluators, state as train_state
+from ge2mst_jax.nn import models
+from ge2mst_jax.train import sharding as shd
 
 
 def bench(name: str, batch: int, T: int, K: int, steps: int, image_size: int | None, **arch) -> dict:

@@ -8,7 +8,7 @@ Sources:
   decoded  uint8 arrays of ImageNet's typical 375x500 size in memory (what `tfds.data_source`
            hands over when tfds decodes).
   jpeg     a real tfds ArrayRecord data set of JPEGs (quality 90, sides 333..500 px, built by
-           `ge2mst_jax.jpeg_records` into a temporary directory) read through `tfds.data_source`
+           `tests.jpeg_records` into a temporary directory) read through `tfds.data_source`
            as ImageNet is, the encoded bytes going to the workers (`data.decode_in_workers`),
            which decode each at its crop's scale.
 
@@ -32,8 +32,8 @@ import bench_lib
 import numpy as np
 
 from configs import imagenet2012
-from ge2mst_jax import data as data_lib
-from ge2mst_jax import jpeg_records
+from ge2mst_jax.data import pipeline as data_lib
+from tests import jpeg_records
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 

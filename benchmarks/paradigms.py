@@ -16,7 +16,7 @@ same synthetic images after the timing steps. ExpG-IF uses K = min(2, T).
 
 import bench_lib
 
-from ge2mst_jax import energy
+from ge2mst_jax.evaluate import energy
 
 
 def build(paradigm: str, T: int, a) -> tuple:

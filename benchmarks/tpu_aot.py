@@ -102,8 +102,9 @@ from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 from configs import common as config_common, imagenet2012  # noqa: E402
-from ge2mst_jax import evaluators, models, train_lib, train_state  # noqa: E402
-from ge2mst_jax import sharding as shd  # noqa: E402
+from ge2mst_jax.train import evaluator as evaluators, loop as train_lib, state as train_state
+from ge2mst_jax.nn import models  # noqa: E402
+from ge2mst_jax.train import sharding as shd  # noqa: E402
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
 # An instruction whose op is a collective (async ones counted once, at their -start).

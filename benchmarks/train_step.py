@@ -13,7 +13,7 @@ the figure we optimise, since absolute times vary from machine to machine.
 import bench_lib
 import jax.numpy as jnp
 
-from ge2mst_jax import energy
+from ge2mst_jax.evaluate import energy
 
 
 def bench_model(name: str, batch: int, steps: int, dtype: str, image_size: int | None = None, **arch) -> dict:

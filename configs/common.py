@@ -3,7 +3,7 @@ import dataclasses
 
 import ml_collections
 
-from ge2mst_jax import models
+from ge2mst_jax.nn import models
 
 
 def arch_dict(name: str, **overrides) -> ml_collections.ConfigDict:
@@ -40,7 +40,7 @@ def base_config(model: str, *, dataset: str, num_classes: int, image_size: int, 
       name=dataset, num_classes=num_classes, image_size=image_size, data_dir="", train_split="train",
       test_split="test", augment="none", eval_policy="none", norm="cifar", workers=0, read_threads=2,
       event_frames=0,
-      # The 'imagenet' policy's extras (ge2mst_jax/augment.py): timm's RandAugment config string
+      # The 'imagenet' policy's extras (ge2mst_jax/data/augment.py): timm's RandAugment config string
       # ('' = none) and random erasing's probability; decode_in_workers: tfds hands the workers the
       # encoded images (SkipDecoding), which they decode themselves, at the crop's scale.
       randaugment="", random_erasing=0.0, random_erasing_mode="pixel", decode_in_workers=False))
@@ -76,6 +76,6 @@ def base_config(model: str, *, dataset: str, num_classes: int, image_size: int, 
   c.preempted_exit_code = 0     # exit status after a preemption save (e.g. 143 where the scheduler restarts only failures)
   c.compile_cache_dir = ""      # persistent XLA cache: "" = ~/.cache/ge2mst_jax/xla, "off" = none
   # A jax.profiler trace of `steps` train steps (0: off), `after` steps into the run, written to
-  # WORKDIR/profile/host_N (ge2mst_jax/profiling.py; TensorBoard's profile plugin reads it).
+  # WORKDIR/profile/host_N (ge2mst_jax/train/profiling.py; TensorBoard's profile plugin reads it).
   c.profile = ml_collections.ConfigDict(dict(steps=0, after=10))
   return c

@@ -1,6 +1,16 @@
 """ge2mst_jax: the Ge2mS-T spiking vision transformer in JAX / Flax NNX.
 
-Names are resolved on first use: `import ge2mst_jax.cli` (what train.py does before it
+Subpackages, each importing only those below it (tests/test_structure.py checks it):
+
+  evaluate/  reports, SOPs and energy, the spike-driven audit
+  weights    `load` / `export`: trained weights for other pipelines
+  train/     train state, step and loop, checkpoints, sharding, run control
+  nn/        synaptic layers, blocks, GW-SSA and its kernel, the network family
+  data/      tfds + grain pipelines, transforms, augmentation
+  spiking/   ExpG-IF and the LIF/STBP baseline: the neuron mathematics
+  io/        paths, errors, saved configs, entry-point helpers
+
+Names are resolved on first use: `import ge2mst_jax.io.cli` (what train.py does before it
 re-executes itself) costs no JAX import, `create_model` costs the network only, and `load` /
 `export` bring in checkpointing when called.
 """
@@ -8,10 +18,10 @@ import importlib
 
 __version__ = "0.1.0"
 _LAZY = {
-    "create_model": "ge2mst_jax.models",
-    **{name: "ge2mst_jax.neurons" for name in ("ExpGIF", "SpikeTrain", "alpha_schedule", "expg_levels",
-                                                "expg_quantize", "expg_spikes", "progressive_activation")},
-    "eval_transform": "ge2mst_jax.transforms",
+    "create_model": "ge2mst_jax.nn.models",
+    **{name: "ge2mst_jax.spiking.neurons" for name in ("ExpGIF", "SpikeTrain", "alpha_schedule", "expg_levels",
+                                                        "expg_quantize", "expg_spikes", "progressive_activation")},
+    "eval_transform": "ge2mst_jax.data.transforms",
     "export": "ge2mst_jax.weights",
     "load": "ge2mst_jax.weights",
 }

@@ -23,16 +23,16 @@ from safetensors.numpy import load as safetensors_from_bytes
 from safetensors.numpy import save as safetensors_to_bytes
 
 from ge2mst_jax import __version__
-from ge2mst_jax import paths
-from ge2mst_jax import saved_config
-from ge2mst_jax import sharding as shd
-from ge2mst_jax.errors import CheckpointError
-from ge2mst_jax.models import model_from_config
+from ge2mst_jax.io import paths
+from ge2mst_jax.io import saved_config
+from ge2mst_jax.train import sharding as shd
+from ge2mst_jax.io.errors import CheckpointError
+from ge2mst_jax.nn.models import model_from_config
 
 
 def _model_from_workdir(workdir, step: int | None = None):
   # orbax and optax only here: loading an exported file does not need the training stack.
-  from ge2mst_jax.train_state import restore_train_state
+  from ge2mst_jax.train.state import restore_train_state
 
   cfg = saved_config.read(workdir)
   setup, step = restore_train_state(cfg, epath.Path(workdir) / "checkpoints", shd.make_mesh(1, jax.devices()[:1]), step)

@@ -1,6 +1,6 @@
 """Fault injection for the tests, kept out of the production step: wrap the train step that
 `train_lib.train_and_evaluate` builds, and change what its `n`-th call does."""
-from ge2mst_jax import train_lib
+from ge2mst_jax.train import loop as train_lib
 
 
 def on_train_call(monkeypatch, n: int, fault) -> None:

@@ -10,7 +10,8 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from ge2mst_jax import errors, train_lib
+from ge2mst_jax.io import errors
+from ge2mst_jax.train import loop as train_lib
 from tests.test_train import small_digits
 
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ge2mst_jax import attention, models
-from ge2mst_jax.attention_kernel import attention_core, sharded_attention_core
-from ge2mst_jax.neurons import progressive_activation
+from ge2mst_jax.nn import attention, models
+from ge2mst_jax.nn.attention_kernel import attention_core, sharded_attention_core
+from ge2mst_jax.spiking.neurons import progressive_activation
 
 
 def xla_core(q, k, v, lam, alpha, kind, stride, heads, scale_log2, T, K):
@@ -86,7 +86,7 @@ def test_kernel_runs_on_each_devices_images_under_a_mesh():
   """With a mesh in context the kernel runs under shard_map on each device's share of the batch:
   no gather of the batch (XLA cannot split a kernel), the same outputs and gradients, and the
   threshold's and alpha's gradients summed over all eight devices."""
-  from ge2mst_jax import sharding as shd
+  from ge2mst_jax.train import sharding as shd
   from tests.test_train import cross_device_ops
   mesh = shd.make_mesh(2)                                   # (data 4, fsdp 2): the batch over both
   keys = jax.random.split(jax.random.key(1), 3)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageEnhance, ImageOps, JpegImagePlugin
 
-from ge2mst_jax import augment
+from ge2mst_jax.data import augment
 
 FILL = (124, 116, 104)
 

@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ge2mst_jax import attention, blocks, energy, models
-from ge2mst_jax.neurons import SpikeTrain
+from ge2mst_jax.nn import attention, blocks, models
+from ge2mst_jax.evaluate import energy
+from ge2mst_jax.spiking.neurons import SpikeTrain
 
 # The tests share a module fixture: one worker computes it once.
 pytestmark = pytest.mark.xdist_group("tiny_energy")

@@ -13,10 +13,12 @@ import pytest
 from flax import nnx
 
 import ge2mst_jax
-from ge2mst_jax import checkpoint as ckpt_lib
-from ge2mst_jax import data as data_lib
-from ge2mst_jax import evaluation, evaluators, train_lib, train_state, weights
-from ge2mst_jax import sharding as shd
+from ge2mst_jax.train import checkpoint as ckpt_lib
+from ge2mst_jax.data import pipeline as data_lib
+from ge2mst_jax import weights
+from ge2mst_jax.evaluate import report as evaluation
+from ge2mst_jax.train import evaluator as evaluators, loop as train_lib, state as train_state
+from ge2mst_jax.train import sharding as shd
 from tests.test_models import both_modes
 from tests.test_train import ROOT, cross_device_ops, small_digits
 

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from etils import epath
 
-from ge2mst_jax import evaluation
-from ge2mst_jax import paths
-from ge2mst_jax import run_control
-from ge2mst_jax import sharding as shd
-from ge2mst_jax import train_lib
+from ge2mst_jax.evaluate import report as evaluation
+from ge2mst_jax.io import paths
+from ge2mst_jax.train import run_control
+from ge2mst_jax.train import sharding as shd
+from ge2mst_jax.train import loop as train_lib
 from ge2mst_jax.weights import export, load
 from tests import faults
 from tests.test_models import both_modes

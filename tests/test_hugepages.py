@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from ge2mst_jax import hugepages as hp
+from ge2mst_jax.io import hugepages as hp
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -48,7 +48,7 @@ def test_kernel_mode_is_read_from_the_bracketed_word(tmp_path):
                     reason="no glibc >= 2.35 with transparent huge pages on this machine")
 def test_entry_point_re_executes_itself_once_with_the_tunable():
   code = ("import os, sys; print('start', os.getpid(), flush=True); "
-          "from ge2mst_jax.hugepages import reexec_with_huge_pages; reexec_with_huge_pages(); "
+          "from ge2mst_jax.io.hugepages import reexec_with_huge_pages; reexec_with_huge_pages(); "
           "print('run', os.getpid(), os.environ['GLIBC_TUNABLES'], sys.argv[1:])")
   env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", hp.OPT_OUT)}
   r = subprocess.run([sys.executable, "-c", code, "--flag=1"], capture_output=True, text=True, cwd=ROOT, env=env,

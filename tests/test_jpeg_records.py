@@ -8,9 +8,9 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs import imagenet2012
-from ge2mst_jax import data as data_lib
-from ge2mst_jax import jpeg_records
-from ge2mst_jax import transforms
+from ge2mst_jax.data import pipeline as data_lib
+from tests import jpeg_records
+from ge2mst_jax.data import transforms
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ge2mst_jax import attention, blocks, models
-from ge2mst_jax.neurons import SpikeTrain
+from ge2mst_jax.nn import attention, blocks, models
+from ge2mst_jax.spiking.neurons import SpikeTrain
 
 
 # Jitted once for the module: nnx.jit's cache is keyed by the model's structure, so models of the

@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 from hypothesis import given, settings, strategies as st
 
-from ge2mst_jax import neurons as nr
+from ge2mst_jax.spiking import neurons as nr
 
 TK = [(T, K) for T in range(1, 9) for K in range(1, T + 1)]
 emit = jax.jit(nr.expg_spikes, static_argnums=(2, 3, 4))

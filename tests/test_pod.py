@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 
 from configs import imagenet2012
-from ge2mst_jax import checkpoint as ckpt_lib
-from ge2mst_jax import data as data_lib
-from ge2mst_jax import mixing
-from ge2mst_jax import run_control
-from ge2mst_jax import sharding as shd
-from ge2mst_jax import train_lib
+from ge2mst_jax.train import checkpoint as ckpt_lib
+from ge2mst_jax.data import pipeline as data_lib
+from ge2mst_jax.train import mixing
+from ge2mst_jax.train import run_control
+from ge2mst_jax.train import sharding as shd
+from ge2mst_jax.train import loop as train_lib
 from tests import cpu, waiting
 from tests.test_train import ROOT, cross_device_ops, read_metrics, small_digits
 
@@ -203,7 +203,7 @@ HANG = """
 import sys, threading
 sys.path.insert(0, {root!r})
 import pytest
-from ge2mst_jax import train_lib
+from ge2mst_jax.train import loop as train_lib
 from tests import faults
 from tests.test_train import small_digits
 hang = lambda *_: threading.Event().wait()   # a collective that never completes

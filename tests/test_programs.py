@@ -2,12 +2,12 @@
 import jax
 import jax.numpy as jnp
 
-from ge2mst_jax import evaluators
-from ge2mst_jax import mixing
-from ge2mst_jax import programs
-from ge2mst_jax import sharding as shd
-from ge2mst_jax import train_lib
-from ge2mst_jax import train_state
+from ge2mst_jax.train import evaluator as evaluators
+from ge2mst_jax.train import mixing
+from ge2mst_jax.train import programs
+from ge2mst_jax.train import sharding as shd
+from ge2mst_jax.train import loop as train_lib
+from ge2mst_jax.train import state as train_state
 from tests.test_train import small_digits
 
 

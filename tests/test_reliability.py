@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ge2mst_jax import checkpoint as ckpt_lib
-from ge2mst_jax import errors
-from ge2mst_jax import sharding as shd
-from ge2mst_jax import train_lib
+from ge2mst_jax.train import checkpoint as ckpt_lib
+from ge2mst_jax.io import errors
+from ge2mst_jax.train import sharding as shd
+from ge2mst_jax.train import loop as train_lib
 from tests import cpu, faults, waiting
 from tests.test_train import ROOT, SHALLOW_DEPTHS, read_metrics, small_digits
 

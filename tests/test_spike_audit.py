@@ -3,7 +3,8 @@ import jax
 import pytest
 from flax import nnx
 
-from ge2mst_jax import attention, models, spike_audit
+from ge2mst_jax.nn import attention, models
+from ge2mst_jax.evaluate import spike_audit
 
 # One worker for these tests and test_structure's energy check, which shares their programs.
 pytestmark = pytest.mark.xdist_group("spike_audit")

@@ -7,9 +7,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ge2mst_jax import data as data_lib
-from ge2mst_jax import energy, evaluation, models, stbp, train_lib
-from ge2mst_jax import sharding as shd
+from ge2mst_jax.data import pipeline as data_lib
+from ge2mst_jax.evaluate import energy, report as evaluation
+from ge2mst_jax.nn import models
+from ge2mst_jax.spiking import stbp
+from ge2mst_jax.train import loop as train_lib
+from ge2mst_jax.train import sharding as shd
 from tests.test_train import cross_device_ops, read_metrics, small_digits
 
 

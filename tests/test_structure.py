@@ -10,11 +10,24 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ge2mst_jax import energy, models
+from ge2mst_jax.evaluate import energy
+from ge2mst_jax.nn import models
 from tests import test_spike_audit
 from tests.test_train import ROOT
 
 PACKAGE = pathlib.Path(ROOT) / "ge2mst_jax"
+
+
+# The subpackages top to bottom: a module may import its own subpackage's modules and those of
+# the subpackages below it, never one above (the package docstring shows the same order).
+LAYERS = ("evaluate", "weights", "train", "nn", "data", "spiking", "io")
+
+
+def module_name(path: pathlib.Path) -> str:
+  return ".".join(("ge2mst_jax",) + path.relative_to(PACKAGE).with_suffix("").parts)
+
+
+MODULES = sorted(module_name(p) for p in PACKAGE.rglob("*.py") if p.stem != "__init__")
 
 
 def _imports(path: pathlib.Path) -> set[str]:
@@ -25,14 +38,20 @@ def _imports(path: pathlib.Path) -> set[str]:
       found |= {a.name for a in node.names}
     elif isinstance(node, ast.ImportFrom) and node.module:
       found.add(node.module)
-      if node.module == "ge2mst_jax":  # `from ge2mst_jax import checkpoint`
-        found |= {f"ge2mst_jax.{a.name}" for a in node.names}
-  modules = {f"ge2mst_jax.{p.stem}" for p in PACKAGE.glob("*.py") if p.stem != "__init__"}
-  return {m for m in found if m in modules}
+      found |= {f"{node.module}.{a.name}" for a in node.names}   # `from ge2mst_jax.train import checkpoint`
+  return {m for m in found if m in MODULES}
 
 
 def import_graph() -> dict[str, set[str]]:
-  return {f"ge2mst_jax.{p.stem}": _imports(p) for p in PACKAGE.glob("*.py") if p.stem != "__init__"}
+  return {module_name(p): _imports(p) for p in PACKAGE.rglob("*.py") if p.stem != "__init__"}
+
+
+def layer(module: str) -> int:
+  return LAYERS.index(module.split(".")[1])
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+  return sorted(f"{m} imports {n}" for m, ns in graph.items() for n in ns if layer(n) < layer(m))
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -61,16 +80,28 @@ def test_the_cycle_finder_finds_a_cycle():
   assert find_cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
 
 
-def test_no_module_imports_one_above_it():
+def test_the_layer_check_finds_an_upward_import():
+  graph = {"ge2mst_jax.nn.models": {"ge2mst_jax.train.checkpoint", "ge2mst_jax.spiking.neurons"},
+           "ge2mst_jax.io.paths": set()}
+  assert upward_imports(graph) == ["ge2mst_jax.nn.models imports ge2mst_jax.train.checkpoint"]
+
+
+def test_every_module_sits_in_a_layer():
+  assert {m.split(".")[1] for m in MODULES} == set(LAYERS) and len(MODULES) > 25
+
+
+def test_no_module_imports_one_above_it_and_no_cycle():
   graph = import_graph()
-  assert graph["ge2mst_jax.blocks"] >= {"ge2mst_jax.neurons", "ge2mst_jax.stbp"}  # the walk sees imports
+  assert graph["ge2mst_jax.nn.blocks"] >= {"ge2mst_jax.spiking.neurons", "ge2mst_jax.spiking.stbp"}  # the walk sees imports
+  assert graph["ge2mst_jax.weights"] >= {"ge2mst_jax.train.state", "ge2mst_jax.nn.models"}  # function-local too
+  assert upward_imports(graph) == []
   assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
 
 
 def test_the_model_does_not_import_the_training_stack():
   # Built abstractly (nnx.eval_shape): the same imports and construction code as an eager build,
   # without compiling each initialiser op in a process that has no compilation cache (25 s).
-  code = ("import sys, ge2mst_jax, ge2mst_jax.models; from flax import nnx; "
+  code = ("import sys, ge2mst_jax, ge2mst_jax.nn.models; from flax import nnx; "
           "nnx.eval_shape(lambda: ge2mst_jax.create_model('ge2mst_tiny', 10)); "
           "print(sorted({m.split('.')[0] for m in sys.modules} & {'orbax', 'grain', 'tensorflow_datasets', "
           "'tensorstore'}))")

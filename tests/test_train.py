@@ -12,10 +12,10 @@ import tensorflow_datasets as tfds
 from flax import nnx
 
 from configs import cifar10, digits, imagenet2012
-from ge2mst_jax import data as data_lib
-from ge2mst_jax import sharding as shd
-from ge2mst_jax import train_lib
-from ge2mst_jax import train_state
+from ge2mst_jax.data import pipeline as data_lib
+from ge2mst_jax.train import sharding as shd
+from ge2mst_jax.train import loop as train_lib
+from ge2mst_jax.train import state as train_state
 from tests import faults
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -181,7 +181,7 @@ def test_digits_split_is_the_stratified_split_read_without_scikit_learn():
     src = data_lib.digits_source(split, image_size=8)
     np.testing.assert_array_equal(src.labels, d.target[idx])
     np.testing.assert_array_equal(src.images[..., 1], (d.images[idx] / 16 * 255).round())
-  code = "import sys; from ge2mst_jax import data; data.digits_source('train'); print('sklearn' in sys.modules)"
+  code = "import sys; from ge2mst_jax.data import pipeline; pipeline.digits_source('train'); print('sklearn' in sys.modules)"
   r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300,
                      env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert r.returncode == 0 and r.stdout.split() == ["False"], r.stderr[-2000:]

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ge2mst_jax.spike_stats import SpikeStats
+from ge2mst_jax.spiking.spike_stats import SpikeStats
 
 MAX_T = 16  # level tables grow as 2^T; 16 steps is far beyond any published SNN setting.
 

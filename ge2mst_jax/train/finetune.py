@@ -11,7 +11,7 @@ import logging
 import jax
 from flax import nnx
 
-from ge2mst_jax import checkpoint as ckpt_lib
+from ge2mst_jax.train import checkpoint as ckpt_lib
 
 
 def load_matching(target: dict, source: dict, reset_head: bool = True) -> tuple[dict, list, list]:

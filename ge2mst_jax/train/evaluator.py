@@ -13,10 +13,10 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
-from ge2mst_jax import data as data_lib
-from ge2mst_jax import programs
-from ge2mst_jax import sharding as shd
-from ge2mst_jax.train_state import TrainSetup, eval_modes
+from ge2mst_jax.data import pipeline as data_lib
+from ge2mst_jax.train import programs
+from ge2mst_jax.train import sharding as shd
+from ge2mst_jax.train.state import TrainSetup, eval_modes
 
 
 class Maximum(nnx.metrics.Metric):

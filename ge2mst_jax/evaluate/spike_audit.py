@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ge2mst_jax import energy
+from ge2mst_jax.evaluate import energy
 
 SYNAPTIC = ("dot_general", "conv_general_dilated")
 # Primitives whose sub-program runs once on the eqn's own operands: evaluated inside, so that

@@ -33,9 +33,9 @@ import jax
 from etils import epath
 from jax.experimental import multihost_utils
 
-from ge2mst_jax import paths
-from ge2mst_jax import sharding as shd
-from ge2mst_jax.errors import LeaseHeldError
+from ge2mst_jax.io import paths
+from ge2mst_jax.train import sharding as shd
+from ge2mst_jax.io.errors import LeaseHeldError
 
 LEASE_FILE = "lease.json"
 EXIT_STALLED = 75  # EX_TEMPFAIL: "try again", what a scheduler's retry policy should see

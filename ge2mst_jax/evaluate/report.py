@@ -9,15 +9,15 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
-from ge2mst_jax import data as data_lib
-from ge2mst_jax import energy
-from ge2mst_jax import models
-from ge2mst_jax import paths
-from ge2mst_jax import sharding as shd
-from ge2mst_jax import spike_audit
-from ge2mst_jax import train_state
-from ge2mst_jax.evaluators import evaluate
-from ge2mst_jax.attention import SpikingAttention
+from ge2mst_jax.data import pipeline as data_lib
+from ge2mst_jax.evaluate import energy
+from ge2mst_jax.nn import models
+from ge2mst_jax.io import paths
+from ge2mst_jax.train import sharding as shd
+from ge2mst_jax.evaluate import spike_audit
+from ge2mst_jax.train import state as train_state
+from ge2mst_jax.train.evaluator import evaluate
+from ge2mst_jax.nn.attention import SpikingAttention
 
 
 def _with_arch(cfg, **arch):

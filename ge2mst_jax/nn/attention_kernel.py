@@ -37,7 +37,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.sharding import PartitionSpec as P
 
-from ge2mst_jax.neurons import code_of_doubled_units, expg_levels
+from ge2mst_jax.spiking.neurons import code_of_doubled_units, expg_levels
 
 LANES = 128   # images per grid step: the lane width of a TPU vector register
 KINDS = ("global", "local", None)   # None: plain SSA, the whole map one group

@@ -18,22 +18,22 @@ import ml_collections
 import optax
 from flax import nnx
 
-from ge2mst_jax import checkpoint as ckpt_lib
-from ge2mst_jax import data as data_lib
-from ge2mst_jax import mixing
-from ge2mst_jax import paths
-from ge2mst_jax import profiling
-from ge2mst_jax import programs
-from ge2mst_jax import saved_config
-from ge2mst_jax import sharding as shd
-from ge2mst_jax.errors import NonFiniteError, Preempted
-from ge2mst_jax.evaluators import evaluate, make_eval_step
-from ge2mst_jax.finetune import load_pretrained
-from ge2mst_jax.metrics import MetricWriter
-from ge2mst_jax.models import arch_from_config
-from ge2mst_jax.neurons import alpha_schedule
-from ge2mst_jax.run_control import PreemptionCheck, Watchdog, check_workdir, workdir_lease
-from ge2mst_jax.train_state import (TrainSetup, abstract_train_state, eval_modes, fill, initialize,
+from ge2mst_jax.train import checkpoint as ckpt_lib
+from ge2mst_jax.data import pipeline as data_lib
+from ge2mst_jax.train import mixing
+from ge2mst_jax.io import paths
+from ge2mst_jax.train import profiling
+from ge2mst_jax.train import programs
+from ge2mst_jax.io import saved_config
+from ge2mst_jax.train import sharding as shd
+from ge2mst_jax.io.errors import NonFiniteError, Preempted
+from ge2mst_jax.train.evaluator import evaluate, make_eval_step
+from ge2mst_jax.train.finetune import load_pretrained
+from ge2mst_jax.train.metrics import MetricWriter
+from ge2mst_jax.nn.models import arch_from_config
+from ge2mst_jax.spiking.neurons import alpha_schedule
+from ge2mst_jax.train.run_control import PreemptionCheck, Watchdog, check_workdir, workdir_lease
+from ge2mst_jax.train.state import (TrainSetup, abstract_train_state, eval_modes, fill, initialize,
                                     learning_rate_schedule)
 
 

@@ -18,11 +18,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ge2mst_jax.attention import AttentionBlock, SpikingAttention, check_divisible
-from ge2mst_jax.blocks import (ATTENTION_KERNELS, DEPTHWISE, KERNEL_GRADS, PARADIGMS, SFFN, Compute, EventFrameAdapter,
+from ge2mst_jax.nn.attention import AttentionBlock, SpikingAttention, check_divisible
+from ge2mst_jax.nn.blocks import (ATTENTION_KERNELS, DEPTHWISE, KERNEL_GRADS, PARADIGMS, SFFN, Compute, EventFrameAdapter,
                                SConv, Stem, SynapticConv, make_neuron, name_layers, remat_policy)
-from ge2mst_jax.neurons import INTEGRATIONS, METHODS, check_tk
-from ge2mst_jax.stbp import RESETS, SURROGATES
+from ge2mst_jax.spiking.neurons import INTEGRATIONS, METHODS, check_tk
+from ge2mst_jax.spiking.stbp import RESETS, SURROGATES
 
 MODES = ("quantize", "spike", "stbp")
 REMATS = ("none", "block")

@@ -24,9 +24,9 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from ge2mst_jax.neurons import ExpGIF, SpikeTrain, grid_codes, weighted_step_sum
-from ge2mst_jax.spike_stats import SpikeStats
-from ge2mst_jax.stbp import LIF
+from ge2mst_jax.spiking.neurons import ExpGIF, SpikeTrain, grid_codes, weighted_step_sum
+from ge2mst_jax.spiking.spike_stats import SpikeStats
+from ge2mst_jax.spiking.stbp import LIF
 
 PARADIGMS = ("expg", "stbp")
 

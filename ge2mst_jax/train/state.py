@@ -14,10 +14,10 @@ import jax
 import optax
 from flax import nnx
 
-from ge2mst_jax import checkpoint as ckpt_lib
-from ge2mst_jax import programs
-from ge2mst_jax import sharding as shd
-from ge2mst_jax.models import arch_from_config, model_from_config
+from ge2mst_jax.train import checkpoint as ckpt_lib
+from ge2mst_jax.train import programs
+from ge2mst_jax.train import sharding as shd
+from ge2mst_jax.nn.models import arch_from_config, model_from_config
 
 
 def eval_modes(cfg) -> tuple:

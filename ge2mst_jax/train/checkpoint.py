@@ -25,10 +25,10 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
-from ge2mst_jax import paths
-from ge2mst_jax import saved_config
-from ge2mst_jax import sharding as shd
-from ge2mst_jax.errors import CheckpointError, IncompatibleCheckpointError
+from ge2mst_jax.io import paths
+from ge2mst_jax.io import saved_config
+from ge2mst_jax.train import sharding as shd
+from ge2mst_jax.io.errors import CheckpointError, IncompatibleCheckpointError
 
 ITEMS = ("state", "data_position")
 

@@ -21,10 +21,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ge2mst_jax.attention_kernel import sharded_attention_core
-from ge2mst_jax.blocks import Compute, SConv, SynapticConv, grid_unit, make_neuron
-from ge2mst_jax.neurons import SpikeTrain, grid_codes, weighted_step_sum
-from ge2mst_jax.spike_stats import SpikeStats
+from ge2mst_jax.nn.attention_kernel import sharded_attention_core
+from ge2mst_jax.nn.blocks import Compute, SConv, SynapticConv, grid_unit, make_neuron
+from ge2mst_jax.spiking.neurons import SpikeTrain, grid_codes, weighted_step_sum
+from ge2mst_jax.spiking.spike_stats import SpikeStats
 
 GROUPINGS = ("global", "local")
 

@@ -15,10 +15,10 @@ import grain
 import jax
 import numpy as np
 
-from ge2mst_jax import augment
-from ge2mst_jax import paths
-from ge2mst_jax import transforms
-from ge2mst_jax.errors import DataError
+from ge2mst_jax.data import augment
+from ge2mst_jax.io import paths
+from ge2mst_jax.data import transforms
+from ge2mst_jax.io.errors import DataError
 
 
 # ----------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ge2mst_jax.spike_stats import SpikeStats
+from ge2mst_jax.spiking.spike_stats import SpikeStats
 
 SURROGATES = ("sigmoid", "atan")
 RESETS = ("soft", "hard")

@@ -1,6 +1,6 @@
 """A one-screen demonstration of the ExpG-IF neuron: level sets, spikes, exact decoding.
 
-Run: python -m ge2mst_jax.demo [T]
+Run: python examples/demo.py [T]
 """
 import sys
 
@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ge2mst_jax import neurons
+from ge2mst_jax.spiking import neurons
 
 
 def main(T: int = 4) -> None:

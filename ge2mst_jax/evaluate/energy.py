@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ge2mst_jax.spike_stats import SpikeStats
+from ge2mst_jax.spiking.spike_stats import SpikeStats
 
 E_AC_PJ = 0.9   # one accumulate (SOP)
 E_MAC_PJ = 4.6  # one multiply-accumulate

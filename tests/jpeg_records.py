@@ -2,7 +2,7 @@
 with tfds' own writer: what the tests and the input benchmark read through `tfds.data_source`
 exactly as `imagenet2012` is read.
 
-  from ge2mst_jax import jpeg_records
+  from tests import jpeg_records
   jpeg_records.build("/tmp/tfds", train=64, validation=32, size_range=(60, 120))
   # then: config.data.name = jpeg_records.NAME, config.data.data_dir = "/tmp/tfds"
 

@@ -16,7 +16,7 @@ import time
 import jax
 from etils import epath
 
-from ge2mst_jax import paths
+from ge2mst_jax.io import paths
 
 METRICS_FILE = "metrics.jsonl"
 

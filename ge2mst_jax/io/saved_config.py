@@ -10,8 +10,8 @@ import ml_collections
 from etils import epath
 from flax import traverse_util
 
-from ge2mst_jax import paths
-from ge2mst_jax.errors import CheckpointError
+from ge2mst_jax.io import paths
+from ge2mst_jax.io.errors import CheckpointError
 
 FILE = "config.json"
 
