@@ -122,8 +122,7 @@ class TrainStep:
             "alias_bytes": int(alias), "peak_bytes": int(args + out + temp - alias)}
 
   def model(self):
-    from flax import nnx
-    model, _ = nnx.merge(self.setup.graphdef, self.state)
+    model, _ = train_state.model_and_optimizer(self.setup.graphdef, self.state)
     model.eval()
     return model
 

@@ -32,11 +32,11 @@ from ge2mst_jax.nn.models import model_from_config
 
 def _model_from_workdir(workdir, step: int | None = None):
   # orbax and optax only here: loading an exported file does not need the training stack.
-  from ge2mst_jax.train.state import restore_train_state
+  from ge2mst_jax.train.state import model_and_optimizer, restore_train_state
 
   cfg = saved_config.read(workdir)
   setup, step = restore_train_state(cfg, epath.Path(workdir) / "checkpoints", shd.make_mesh(1, jax.devices()[:1]), step)
-  model, _ = nnx.merge(setup.graphdef, setup.state)
+  model, _ = model_and_optimizer(setup.graphdef, setup.state)
   model.eval()
   return model, cfg, step
 

@@ -45,7 +45,7 @@ def main(argv):
     print(json.dumps({"pid": jax.process_index(), "preempted_at": int(str(e).split(" at step ")[1].split(";")[0])}),
           flush=True)
     return
-  leaves = jax.tree.leaves(nnx.to_pure_dict(out["state"])[0])
+  leaves = jax.tree.leaves(nnx.to_pure_dict(out["state"])["model"])
   digest = float(sum(np.abs(np.asarray(multihost_utils.process_allgather(l, tiled=True), np.float64)).sum()
                      for l in leaves))
   print(json.dumps({"pid": jax.process_index(), "n": jax.process_count(), "digest": digest,

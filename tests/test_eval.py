@@ -1,4 +1,5 @@
-"""eval.py's library, load/export and fine-tuning, on a checkpoint from a short digits run."""
+"""eval.py's library, load/export, fine-tuning and the checkpoint format, on a checkpoint from a
+short digits run."""
 import hashlib
 import json
 import os
@@ -9,6 +10,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
@@ -18,7 +20,9 @@ from ge2mst_jax.data import pipeline as data_lib
 from ge2mst_jax import weights
 from ge2mst_jax.evaluate import report as evaluation
 from ge2mst_jax.train import evaluator as evaluators, loop as train_lib, state as train_state
+from ge2mst_jax.io import saved_config
 from ge2mst_jax.train import sharding as shd
+from tests import cpu
 from tests.test_models import both_modes
 from tests.test_train import ROOT, cross_device_ops, small_digits
 
@@ -155,3 +159,110 @@ def test_finetune_start_reports_the_replaced_head(trained, tmp_path, capsys):
   msg = capsys.readouterr().out
   assert "Fine-tuning from" in msg and "classifier/kernel" in msg and "classifier/bias" in msg
   assert "loaded" in msg and "stem" not in msg.split("kept fresh")[1]
+
+
+# A reader of a checkpoint step without this package: orbax and numpy, in a process that never
+# imports ge2mst_jax. Writes every array of the state to an .npz under its '/'-joined path.
+READ_WITH_ORBAX_ALONE = """
+import sys
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+step_dir, out = epath.Path(sys.argv[1]), sys.argv[2]
+version = ocp.JsonCheckpointHandler().restore(step_dir / "format")["version"]
+shapes = ocp.StandardCheckpointer().metadata(step_dir / "state").item_metadata.tree
+
+def as_numpy(tree):
+  return {k: as_numpy(v) for k, v in tree.items()} if isinstance(tree, dict) else ocp.RestoreArgs(restore_type=np.ndarray)
+
+def flat(tree, prefix=""):
+  out = {}
+  for k, v in tree.items():
+    out.update(flat(v, f"{prefix}{k}/") if isinstance(v, dict) else {f"{prefix}{k}": v})
+  return out
+
+state = ocp.PyTreeCheckpointer().restore(step_dir / "state", args=ocp.args.PyTreeRestore(restore_args=as_numpy(shapes)))
+np.savez(out, **flat(state))
+print(version, any(m.split(".")[0] == "ge2mst_jax" for m in sys.modules))
+"""
+
+
+def test_a_checkpoint_reads_with_orbax_and_numpy_alone_under_readable_names(trained, tmp_path):
+  _, workdir, _ = trained
+  out = tmp_path / "state.npz"
+  r = subprocess.run([sys.executable, "-c", READ_WITH_ORBAX_ALONE, os.path.join(workdir, "checkpoints", "8"), str(out)],
+                     capture_output=True, text=True, cwd=tmp_path, timeout=300, env=cpu.env(devices=1))
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert r.stdout.split() == ["2", "False"]   # format 2; ge2mst_jax never imported
+  saved = dict(np.load(out))
+  model, _ = ge2mst_jax.load(workdir)
+  want = saved_config.flat(jax.device_get(nnx.to_pure_dict(nnx.state(model))))
+  assert {k for k in saved if k.startswith("model/")} == {f"model/{k}" for k in want}
+  assert any(k.startswith("model/stages/1/") and k.endswith("/kernel") for k in saved)
+  for k, v in want.items():
+    np.testing.assert_array_equal(saved[f"model/{k}"], v, err_msg=k)
+  assert int(saved["optimizer/step"]) == 8 and any(k.startswith("optimizer/opt_state/") for k in saved)
+
+
+def _write_format_1(directory, step: int, state, graphdef, data_position: dict) -> None:
+  """A step as checkpoints were written before the `format` item: the state positional,
+  `nnx.state((model, optimizer))` (state/0 the model, state/1 the optimizer)."""
+  model, opt = train_state.model_and_optimizer(graphdef, state)
+  mngr = ocp.CheckpointManager(directory, item_handlers={"state": ckpt_lib._state_handler(),
+                                                         "data_position": ocp.JsonCheckpointHandler()})
+  mngr.save(step, args=ocp.args.Composite(state=ocp.args.PyTreeSave(nnx.to_pure_dict(nnx.state((model, opt)))),
+                                          data_position=ocp.args.JsonSave(data_position)))
+  mngr.wait_until_finished()
+  mngr.close()
+
+
+def test_a_format_1_checkpoint_restores_and_resumes_bit_exactly_and_stays_as_it_was(trained, tmp_path):
+  cfg, workdir, out = trained
+  mesh = shd.make_mesh(cfg.mesh.fsdp)   # the run's own mesh: its programs are reused
+  setup = train_state.abstract_train_state(cfg, mesh)
+  ckpt = ckpt_lib.Checkpoints(os.path.join(workdir, "checkpoints"), async_save=False, read_only=True)
+  _, pure, position = ckpt.restore(ckpt_lib.abstract_pure(setup.abstract, setup.shardings), step=4)
+  ckpt.close()
+  state4 = train_state.fill(setup, pure).state
+  old = tmp_path / "old"
+  _write_format_1(old / "checkpoints", 4, state4, setup.graphdef, position)
+  shutil.copy(os.path.join(workdir, "config.json"), old / "config.json")
+  step_dir = old / "checkpoints" / "4"
+  assert ckpt_lib.saved_version(step_dir) == 1
+  reader = ckpt_lib.Checkpoints(old / "checkpoints", read_only=True)
+  assert set(reader.saved_shapes(4)) == {"0", "1"}
+  reader.close()
+  on_disk = lambda: {str(p): p.read_bytes() for p in sorted(step_dir.rglob("*")) if p.is_file()}
+  before = on_disk()
+
+  want = saved_config.flat(jax.device_get(nnx.to_pure_dict(state4)))
+  restored, step = train_state.restore_train_state(cfg, str(old / "checkpoints"), mesh)
+  got = saved_config.flat(jax.device_get(nnx.to_pure_dict(restored.state)))
+  assert step == 4 and set(got) == set(want) and all(k.startswith(("model/", "optimizer/")) for k in got)
+  for k, v in want.items():
+    np.testing.assert_array_equal(got[k], v, err_msg=k)
+  step, as_saved = ckpt_lib.restore_as_saved(old)   # the fine-tuning source's reader
+  assert step == 4 and set(as_saved) == {"model", "optimizer"}
+  for k, v in saved_config.flat(as_saved).items():
+    np.testing.assert_array_equal(v, want[k], err_msg=k)
+
+  # Resumed: the run reaches the uninterrupted run's state, and writes its new step in format 2.
+  resumed = train_lib.train_and_evaluate(cfg, str(old), quiet=True)
+  for a, b in zip(jax.tree.leaves(jax.device_get(out["state"])), jax.tree.leaves(jax.device_get(resumed["state"]))):
+    np.testing.assert_array_equal(a, b)
+  assert resumed["accuracy_spike"] == out["accuracy_spike"]
+  assert ckpt_lib.saved_version(old / "checkpoints" / "8") == 2
+  assert on_disk() == before   # read, never moved or rewritten
+
+
+def test_a_checkpoint_of_a_newer_format_is_a_one_line_error(trained, tmp_path):
+  _, workdir, _ = trained
+  wd = tmp_path / "newer"
+  shutil.copytree(workdir, wd)
+  (wd / "checkpoints" / "8" / "format" / "metadata").write_text(json.dumps({"version": 3}))   # orbax's JSON item file
+  for read in (ge2mst_jax.load, ckpt_lib.restore_as_saved):
+    with pytest.raises(ckpt_lib.CheckpointError, match=r"checkpoints/8 has format version 3, newer than this "
+                                                       r"ge2mst_jax reads \(1 to 2\)") as err:
+      read(wd)
+    assert "\n" not in str(err.value)

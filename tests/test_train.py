@@ -61,7 +61,7 @@ def cross_device_ops(fn, *args) -> list[str]:
 
 
 def params_of(state):
-  return jax.device_get(nnx.to_pure_dict(state)[0])
+  return jax.device_get(nnx.to_pure_dict(state)["model"])
 
 
 def test_short_digits_run_learns_and_evaluates_both_modes(tmp_path):
@@ -205,7 +205,7 @@ def test_tfds_cifar10_pipeline_and_training_on_mock_data(tmp_path):
     assert b["image"].shape == (16, 32, 32, 3) and b["image"].dtype == np.float32 and b["label"].shape == (16,)
     out = train_lib.train_and_evaluate(cfg, str(tmp_path), quiet=True)
     # The evaluator's accuracy is the model's, recounted here image by image on the mock test split.
-    model, _ = nnx.merge(out["setup"].graphdef, out["state"])
+    model, _ = train_state.model_and_optimizer(out["setup"].graphdef, out["state"])
     model.eval()
     predict = nnx.jit(lambda m, x: jnp.argmax(m(x), -1))
     hits = [(np.asarray(predict(model, b["image"])) == b["label"])[b["mask"]] for b in data_lib.eval_batches(cfg.data, 16)]

@@ -69,7 +69,7 @@ def evaluate_checkpoint(cfg, checkpoint_dir: str, step: int | None = None, energ
   setup, state, step = restore_for_eval(cfg, checkpoint_dir, step)
   arch = models.arch_from_config(cfg)
   acc = evaluate(cfg, setup, state, modes=arch.eval_modes, progress=True)
-  model, _ = nnx.merge(setup.graphdef, state)
+  model, _ = train_state.model_and_optimizer(setup.graphdef, state)
   model.eval()
   images = _energy_batch(cfg, energy_images)
   rep = energy.energy_report(model, images)

@@ -1,8 +1,22 @@
 """The one module that talks to orbax.
 
-A checkpoint is a composite of the train state (a pure dict of arrays) and the data position
-(a small JSON: how many records each process has read, with the process count, so that a run
-restored on another number of hosts continues at the same place; see `data.resume_records`).
+A checkpoint step is a directory of three items, each in orbax's standard formats (so
+`orbax.checkpoint` and numpy read it without this package):
+
+  state/          the train state as a pure dict of arrays under readable names:
+                  `model/...` (parameters, BatchNorm statistics, thresholds, by their nnx paths,
+                  e.g. `model/stages/1/1/attn/k/kernel`) and `optimizer/...` (`step`, and
+                  `opt_state/...`: the optax chain's state as optax lays it out).
+  format/         a small JSON: `{"version": 2, "state": ["model", "optimizer"]}`.
+  data_position/  a small JSON: how many records each process has read, with the process count,
+                  so that a run restored on another number of hosts continues at the same place
+                  (see `data.resume_records`).
+
+`best/` holds the best evaluated step's `state` and `format` alike. Format 1 (steps without a
+`format` item) stored the state positionally: `state/0` the model, `state/1` the optimizer. Such
+steps are read as they are and renamed on reading; nothing on disk is moved or rewritten, and a
+resumed run writes its new steps in the current format.
+
 Saves are asynchronous and atomic (orbax commits a step only when it is complete), so a
 killed run never leaves a half-written step that looks complete. Restores go into
 `ShapeDtypeStruct`s that carry the *current* mesh's shardings, so a checkpoint written on one
@@ -30,7 +44,10 @@ from ge2mst_jax.io import saved_config
 from ge2mst_jax.train import sharding as shd
 from ge2mst_jax.io.errors import CheckpointError, IncompatibleCheckpointError
 
-ITEMS = ("state", "data_position")
+ITEMS = ("state", "format", "data_position")
+FORMAT_VERSION = 2
+FORMAT = {"version": FORMAT_VERSION, "state": ["model", "optimizer"]}
+V1_NAMES = ("model", "optimizer")   # what format 1 stored as state/0 and state/1
 
 
 def _state_handler() -> ocp.PyTreeCheckpointHandler:
@@ -68,6 +85,34 @@ def abstract_pure(abstract_state, shardings) -> dict:
   return nnx.to_pure_dict(target)
 
 
+def named(saved: dict, version: int) -> dict:
+  """A state tree read from a step of format `version`, under the current names."""
+  if version == 1 and saved is not None and set(map(str, saved)) == {"0", "1"}:
+    by_index = {str(k): v for k, v in saved.items()}
+    return {name: by_index[str(i)] for i, name in enumerate(V1_NAMES)}
+  return saved
+
+
+def as_saved(target: dict, version: int) -> dict:
+  """A target tree under the current names, laid out as a step of format `version` stores it."""
+  if version == 1 and set(target) == set(V1_NAMES):
+    return {i: target[name] for i, name in enumerate(V1_NAMES)}
+  return target
+
+
+def saved_version(step_dir) -> int:
+  """The format version of a saved step: its `format` item's, or 1 for a step without one."""
+  step_dir = epath.Path(step_dir)
+  if not (step_dir / "format").exists():
+    return 1
+  return int(ocp.JsonCheckpointHandler().restore(step_dir / "format")["version"])
+
+
+def _newer_format(step_dir, version: int) -> str:
+  return (f"Checkpoint {step_dir} has format version {version}, newer than this ge2mst_jax reads "
+          f"(1 to {FORMAT_VERSION}): read it with the ge2mst_jax that wrote it, or a newer one.")
+
+
 def shape_mismatches(saved: dict, target: dict) -> list[str]:
   """Arrays whose presence or shape differs between a saved tree and the model's."""
   s, t = ({k: tuple(x.shape) for k, x in saved_config.flat(tree).items()} for tree in (saved, target))
@@ -93,18 +138,20 @@ class Checkpoints:
       best_opts = ocp.CheckpointManagerOptions(max_to_keep=1, create=True, best_fn=lambda m: m[best_metric],
                                                best_mode="max", enable_async_checkpointing=async_save,
                                                cleanup_tmp_directories=True)
-      self.best = ocp.CheckpointManager(self.directory / "best", options=best_opts, item_handlers=_handlers("state"))
+      self.best = ocp.CheckpointManager(self.directory / "best", options=best_opts,
+                                        item_handlers=_handlers("state", "format"))
 
   # -- saving ------------------------------------------------------------------
   def save(self, step: int, state, data_position: dict | None = None, force: bool = False) -> bool:
-    args = {"state": ocp.args.PyTreeSave(to_pure(state))}
+    args = {"state": ocp.args.PyTreeSave(to_pure(state)), "format": ocp.args.JsonSave(FORMAT)}
     if data_position is not None:
       args["data_position"] = ocp.args.JsonSave(data_position)
     return self.manager.save(step, args=ocp.args.Composite(**args), force=force)
 
   def save_best(self, step: int, state, metrics: dict) -> None:
     if self.best is not None and step not in self.best.all_steps():
-      self.best.save(step, args=ocp.args.Composite(state=ocp.args.PyTreeSave(to_pure(state))),
+      self.best.save(step, args=ocp.args.Composite(state=ocp.args.PyTreeSave(to_pure(state)),
+                                                   format=ocp.args.JsonSave(FORMAT)),
                      metrics={k: float(v) for k, v in metrics.items()}, force=True)
 
   def wait(self) -> None:
@@ -126,18 +173,22 @@ class Checkpoints:
     return self.directory / str(step)
 
   def saved_shapes(self, step: int) -> dict:
-    """The state's array metadata as saved (shapes), read without reading any array."""
+    """The state's array metadata as saved (shapes, in the saved layout), read without reading any array."""
     return ocp.StandardCheckpointer().metadata(self.step_path(step) / "state").item_metadata.tree
 
-  def _verdict(self, step: int, target_pure: dict) -> tuple[str, str]:
-    """('ok' | 'damaged' | 'incompatible', detail) from the saved metadata (process 0)."""
+  def _verdict(self, step: int, target_pure: dict) -> tuple[str, int, str]:
+    """('ok' | 'damaged' | 'incompatible' | 'newer', format version, detail) from the saved
+    metadata (process 0)."""
     try:
-      saved = self.saved_shapes(step)
+      version = saved_version(self.step_path(step))
+      saved = named(self.saved_shapes(step), version) if version <= FORMAT_VERSION else None
     except Exception as e:  # missing or unreadable metadata: the step is damaged
-      return "damaged", f"{type(e).__name__}: {str(e)[:200]}"
+      return "damaged", 0, f"{type(e).__name__}: {str(e)[:200]}"
+    if saved is None:
+      return "newer", version, ""
     bad = shape_mismatches(saved, target_pure)
-    return ("incompatible", "; ".join(bad[:4]) + (f"; and {len(bad) - 4} more" if len(bad) > 4 else "")) if bad \
-        else ("ok", "")
+    return ("incompatible", version, "; ".join(bad[:4]) + (f"; and {len(bad) - 4} more" if len(bad) > 4 else "")) \
+        if bad else ("ok", version, "")
 
   def restore(self, target_pure: dict, step: int | None = None, quarantine: bool = False,
               saved_cfg=None, config=None):
@@ -148,28 +199,36 @@ class Checkpoints:
     `damaged_checkpoints/` beside this directory: training will write that step again, and
     nothing is deleted. An incompatible step raises `IncompatibleCheckpointError` (with the
     config keys that differ between `saved_cfg` and `config`, when given); nothing moves.
-    Returns `(None, None, None)` when the directory holds no checkpoint.
+    A step of an older format is read into `target_pure`'s names (`named`); one of a newer
+    format raises `CheckpointError`. Returns `(None, None, None)` when the directory holds no
+    checkpoint.
     """
     candidates = shd.from_process_0([step] if step is not None else self.steps()[::-1])
-    codes = {"ok": 0, "damaged": 1, "incompatible": 2}
+    codes = {"ok": 0, "damaged": 1, "incompatible": 2, "newer": 3}
     errors = []
     for s in candidates:
-      verdict, detail = self._verdict(s, target_pure) if jax.process_index() == 0 else ("ok", "")
-      verdict = list(codes)[shd.from_process_0([codes[verdict]])[0]]
+      verdict, version, detail = self._verdict(s, target_pure) if jax.process_index() == 0 else ("ok", 0, "")
+      code, version = shd.from_process_0([codes[verdict], version])
+      verdict = list(codes)[code]
       if verdict == "incompatible":
         raise IncompatibleCheckpointError(self._incompatible_message(s, detail, saved_cfg, config))
+      if verdict == "newer":
+        raise CheckpointError(_newer_format(self.step_path(s), version))
       restored, problem = None, detail
       if verdict == "ok":
         try:
-          args = {"state": ocp.args.PyTreeRestore(target_pure,
-                                                  restore_args=ocp.checkpoint_utils.construct_restore_args(target_pure))}
+          target = as_saved(target_pure, version)
+          args = {"state": ocp.args.PyTreeRestore(target,
+                                                  restore_args=ocp.checkpoint_utils.construct_restore_args(target))}
           if (self.step_path(s) / "data_position").exists():
             args["data_position"] = ocp.args.JsonRestore()
           restored = self.manager.restore(s, args=ocp.args.Composite(**args))
         except Exception as e:  # orbax/tensorstore raise many types for truncated or corrupt files
           problem = f"{type(e).__name__}: {str(e)[:200]}"
       if shd.all_hosts(restored is not None):
-        return s, restored["state"], restored.get("data_position")
+        if version < FORMAT_VERSION:
+          logging.info("Read %s (format %d) into the names of format %d.", self.step_path(s), version, FORMAT_VERSION)
+        return s, named(restored["state"], version), restored.get("data_position")
       msg = f"checkpoint {self.step_path(s)} is damaged ({problem or 'unreadable on another host'})"
       if quarantine and jax.process_index() == 0:
         msg += f"; moved to {self._quarantine(s)}"
@@ -222,8 +281,9 @@ def restore_state_only(directory, target_pure: dict, step: int | None = None, fa
 
 def restore_as_saved(path):
   """`(step, pure_state)` of the newest checkpoint under `path` (a work directory or its
-  checkpoints directory), read with the shapes it was saved with: for loading into a model
-  whose shapes differ (fine-tuning with a new head)."""
+  checkpoints directory), read with the shapes it was saved with, under the current names
+  (`{"model": ..., "optimizer": ...}`, whichever format it was written in): for loading into
+  a model whose shapes differ (fine-tuning with a new head)."""
   path = epath.Path(path)
   for d in (path, path / "checkpoints"):
     if not d.is_dir():
@@ -232,7 +292,11 @@ def restore_as_saved(path):
     try:
       step = mngr.latest_step()
       if step is not None:
-        return step, mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+        version = saved_version(d / str(step))
+        if version > FORMAT_VERSION:
+          raise CheckpointError(_newer_format(d / str(step), version))
+        state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+        return step, named(state, version)
     finally:
       mngr.close()
   raise CheckpointError(f"{path!r} holds no checkpoint written by train.py.")

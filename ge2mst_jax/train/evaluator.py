@@ -16,7 +16,7 @@ from tqdm import tqdm
 from ge2mst_jax.data import pipeline as data_lib
 from ge2mst_jax.train import programs
 from ge2mst_jax.train import sharding as shd
-from ge2mst_jax.train.state import TrainSetup, eval_modes
+from ge2mst_jax.train.state import TrainSetup, eval_modes, model_and_optimizer
 
 
 class Maximum(nnx.metrics.Metric):
@@ -79,7 +79,7 @@ def make_eval_step(cfg, setup: TrainSetup, modes=("quantize", "spike")):
   precision = cfg.get("eval_matmul_precision", "highest")   # configs saved before the option: highest
 
   def eval_step(state, metrics_state, batch):
-    model, _ = nnx.merge(graphdef, state)
+    model, _ = model_and_optimizer(graphdef, state)
     model.eval()
     metrics = nnx.merge(metrics_def, metrics_state)
     with jax.default_matmul_precision(None if precision == "default" else precision):

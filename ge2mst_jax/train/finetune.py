@@ -39,11 +39,9 @@ def load_matching(target: dict, source: dict, reset_head: bool = True) -> tuple[
 def load_pretrained(cfg, setup, state):
   """Replaces the model part of a fresh train state with matching weights from `cfg.init_from.checkpoint`."""
   src_dir = cfg.init_from.checkpoint
-  step, src = ckpt_lib.restore_as_saved(src_dir)
+  step, src = ckpt_lib.restore_as_saved(src_dir)   # named {"model", "optimizer"}, whichever format it was
   pure = nnx.to_pure_dict(state)
-  model_key = next(k for k in pure if str(k) == "0")
-  src_model = {str(k): v for k, v in src.items()}["0"]
-  pure[model_key], loaded, skipped = load_matching(pure[model_key], src_model, cfg.init_from.reset_head)
+  pure["model"], loaded, skipped = load_matching(pure["model"], src["model"], cfg.init_from.reset_head)
   pure = jax.tree.map(jax.device_put, pure, nnx.to_pure_dict(setup.shardings))
   nnx.replace_by_pure_dict(state, pure)
   msg = (f"Fine-tuning from {src_dir} (step {step}): loaded {len(loaded)} arrays; kept fresh "

@@ -34,7 +34,7 @@ from ge2mst_jax.nn.models import arch_from_config
 from ge2mst_jax.spiking.neurons import alpha_schedule
 from ge2mst_jax.train.run_control import PreemptionCheck, Watchdog, check_workdir, workdir_lease
 from ge2mst_jax.train.state import (TrainSetup, abstract_train_state, eval_modes, fill, initialize,
-                                    learning_rate_schedule)
+                                    learning_rate_schedule, model_and_optimizer, state_of)
 
 
 # ----------------------------------------------------------------------------
@@ -55,7 +55,7 @@ def make_train_step(cfg, setup: TrainSetup):
     # A copy taken before the forward pass, which updates BatchNorm statistics in place: a
     # skipped step must not keep statistics of the batch that made it non-finite.
     before = jax.tree.map(lambda x: x, state) if skip_nonfinite else None
-    model, opt = nnx.merge(graphdef, state)
+    model, opt = model_and_optimizer(graphdef, state)
     step = opt.step[...]
     alpha = alpha_schedule(step / total, a.kind, a.ramp_end, a.get("power", 1.0))
     labels = optax.smooth_labels(jax.nn.one_hot(batch["label"], num_classes), smoothing)
@@ -71,12 +71,12 @@ def make_train_step(cfg, setup: TrainSetup):
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     opt.update(model, grads)
-    new = nnx.state((model, opt))
+    new = state_of(model, opt)
     if skip_nonfinite:  # drop the update and the statistics, but count the step so the schedules move on
       new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, before)
-      model, opt = nnx.merge(graphdef, new)
+      model, opt = model_and_optimizer(graphdef, new)
       opt.step[...] = step + 1
-      new = nnx.state((model, opt))
+      new = state_of(model, opt)
     acc = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
     metrics = {"loss": loss, "accuracy": acc, "alpha": alpha, "lr": lr_fn(step), "grad_norm": grad_norm,
                "finite": finite.astype(jnp.float32)}

@@ -1,9 +1,12 @@
 """The train state: model and optimizer built from a config, sharded over the mesh, or restored.
 
-The whole state (model parameters, BatchNorm statistics, optimizer state and step) is one
-`nnx.State` pytree, created already sharded by `jax.jit(..., out_shardings=...)`, or read from
-a checkpoint straight into those shardings: a resumed pod job neither compiles nor runs the
-initialisation (on a 2-core CPU the tests' small network's initialisation alone compiles in 3-8 s).
+The whole state is one `nnx.State` pytree with two named parts: `{"model": ..., "optimizer": ...}`
+(model parameters, BatchNorm statistics and thresholds; the `nnx.Optimizer`'s step and optax
+state), split from the dict of the two objects, and saved in checkpoints under the same names.
+`model_and_optimizer` takes a state apart, `state_of` puts it together again. It is created
+already sharded by `jax.jit(..., out_shardings=...)`, or read from a checkpoint straight into
+those shardings: a resumed pod job neither compiles nor runs the initialisation (on a 2-core
+CPU the tests' small network's initialisation alone compiles in 3-8 s).
 """
 from __future__ import annotations
 
@@ -50,10 +53,21 @@ def make_optimizer(cfg) -> optax.GradientTransformation:
   return optax.chain(*chain)
 
 
+def state_of(model: nnx.Module, optimizer: nnx.Optimizer) -> nnx.State:
+  """The train state of `model` and `optimizer`: `{"model": ..., "optimizer": ...}`."""
+  return nnx.state({"model": model, "optimizer": optimizer})
+
+
+def model_and_optimizer(graphdef, state) -> tuple[nnx.Module, nnx.Optimizer]:
+  """`(model, optimizer)` of a train state (`graphdef`: the setup's), the one way to take it apart."""
+  train = nnx.merge(graphdef, state)
+  return train["model"], train["optimizer"]
+
+
 @dataclasses.dataclass
 class TrainSetup:
   graphdef: Any
-  state: Any               # nnx.State of (model, optimizer), sharded; None until initialised or restored
+  state: Any               # nnx.State {"model", "optimizer"}, sharded; None until initialised or restored
   shardings: Any
   abstract: Any
   mesh: jax.sharding.Mesh
@@ -64,7 +78,7 @@ def _build_fn(cfg):
 
   def build():
     model = model_from_config(cfg)
-    return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+    return {"model": model, "optimizer": nnx.Optimizer(model, tx, wrt=nnx.Param)}
   return build
 
 
