@@ -238,13 +238,40 @@ def test_blend_vjp_is_the_autodiff_of_its_formula(symmetric):
     assert float(got[1]) != 0
 
 
-def test_alpha_schedule():
-  np.testing.assert_allclose(nr.alpha_schedule(jnp.asarray([0.0, 0.4, 0.8, 1.0])), [0, 0.5, 1, 1])
-  np.testing.assert_allclose(nr.alpha_schedule(0.5, ramp_end=1.0), 0.5)       # e/E
-  np.testing.assert_allclose(nr.alpha_schedule(0.4, "cosine"), 0.5, atol=1e-6)
-  assert float(nr.alpha_schedule(0.0, "constant")) == 1.0
-  with pytest.raises(ValueError, match="Unknown alpha schedule"):
-    nr.alpha_schedule(0.1, "exp")
+def _reference_alpha(step, total_steps, kind, ramp_end, power):
+  """The hand-written ramp the optax schedule replaced, as the train step called it."""
+  r = jnp.clip(step / total_steps / ramp_end, 0.0, 1.0)
+  return {"linear": r, "cosine": 0.5 * (1 - jnp.cos(jnp.pi * r)), "poly": r ** power,
+          "constant": jnp.ones_like(r)}[kind]
+
+
+@pytest.mark.parametrize("kind,power", [("linear", 1.0), ("cosine", 1.0), ("constant", 1.0), ("poly", 1.0),
+                                        ("poly", 0.5), ("poly", 2.0), ("poly", 3.0)])
+def test_alpha_schedule_matches_the_hand_written_ramp(kind, power):
+  # Ramps of 0.8, 2.4, 9.25, 0.15, 800 steps...: whole and fractional lengths, shorter than a step.
+  step = jnp.arange(1003, dtype=jnp.uint32)   # the optimizer's count, past the last step too; one shape
+  for total in (1, 3, 10, 25, 1000):           # for all, so that the eager ops compile once
+    for ramp_end in (1.0, 0.8, 0.37, 0.05):
+      # 'constant' is optax's constant_schedule: a Python 1.0 whatever the step.
+      got = np.broadcast_to(nr.alpha_schedule(total, kind, ramp_end, power)(step), step.shape)
+      want = np.asarray(_reference_alpha(step, total, kind, ramp_end, power))
+      case = f"total_steps={total}, ramp_end={ramp_end}"
+      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=case)
+      # Both ends exactly: only alpha = 0 is ClipReLU and alpha = 1 the quantizer bit for bit.
+      np.testing.assert_array_equal(got[np.arange(1003) >= ramp_end * total], 1.0, err_msg=case)
+      assert got[0] == (1.0 if kind == "constant" else 0.0), case
+      assert np.all(np.diff(got) >= 0), case
+
+
+def test_alpha_schedule_values_and_errors():
+  np.testing.assert_allclose(nr.alpha_schedule(10)(jnp.asarray([0, 4, 8, 10])), [0, 0.5, 1, 1])
+  np.testing.assert_allclose(nr.alpha_schedule(10, ramp_end=1.0)(5), 0.5)       # e/E
+  np.testing.assert_allclose(nr.alpha_schedule(10, "cosine")(4), 0.5, atol=1e-6)
+  for args, match in [((10, "exp"), "Unknown alpha schedule 'exp': use 'linear'"), ((10, "linear", 0.0), "ramp_end"),
+                      ((10, "cosine", 1.5), "ramp_end=1.5 is outside"), ((0,), "total_steps=0")]:
+    with pytest.raises(ValueError, match=match) as e:
+      nr.alpha_schedule(*args)
+    assert "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize("T,K", [(0, 1), (4, 0), (4, 5), (17, 1), (2.5, 1)])

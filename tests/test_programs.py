@@ -1,6 +1,12 @@
 """Programs reused across runs in one process: equal configs share them, others never do."""
+import pathlib
+import re
+
 import jax
 import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
 
 from ge2mst_jax.train import evaluator as evaluators
 from ge2mst_jax.train import mixing
@@ -18,15 +24,82 @@ def _mix_calls(monkeypatch) -> list:
   return calls
 
 
-def test_the_key_ignores_only_what_the_loop_reads():
-  base = programs.config_key(small_digits(8))
-  for loop_only in ({"checkpoint_every": 3}, {"eval_batch_size": 48}, {"eval_modes": ("quantize",)},
-                    {"log_every": 7}, {"lease.timeout_secs": 5.0}, {"profile.steps": 2}):
-    assert programs.config_key(small_digits(8, **loop_only)) == base, loop_only
-  for program in ({"optimizer.lr": 0.5}, {"nonfinite": "skip"}, {"model.arch.stem_width": 12}, {"mixup": 0.2},
-                  {"seed": 1}, {"alpha.ramp_end": 0.5}, {"eval_matmul_precision": "default"}):
-    assert programs.config_key(small_digits(8, **program)) != base, program
-  assert programs.config_key(small_digits(9)) != base   # the schedules' length
+def _leaves(node, prefix=""):
+  """(dotted name, value) of every leaf of a config."""
+  for k, v in node.items():
+    if isinstance(v, ml_collections.ConfigDict):
+      yield from _leaves(v, f"{prefix}{k}.")
+    else:
+      yield f"{prefix}{k}", v
+
+
+def _changed(value):
+  """Another value of the same type (None: an unset int placeholder)."""
+  if value is None or isinstance(value, bool):
+    return 1 if value is None else not value
+  if isinstance(value, (int, float)):
+    return value * 2 + 1
+  if isinstance(value, str):
+    return value + "_changed"
+  return (*value, value[-1] if value else 1)   # a tuple
+
+
+def _loop_only(name: str) -> bool:
+  return name.split(".")[0] in programs.LOOP_ONLY_KEYS
+
+
+def test_every_key_but_the_loop_only_ones_builds_new_programs():
+  base = small_digits(8)
+  key = programs.config_key(base)
+  names = [name for name, _ in _leaves(base)]
+  assert {n.split(".")[0] for n in names if _loop_only(n)} == programs.LOOP_ONLY_KEYS   # none misspelt
+  for name, value in _leaves(base):
+    assert (programs.config_key(small_digits(8, **{name: _changed(value)})) == key) == _loop_only(name), name
+
+
+def _traced_programs(cfg, mesh, traced=("init", "train", "eval")) -> dict:
+  """The abstract state and the `traced` programs the reused builders make of `cfg`, built past
+  their cache and traced (nothing compiled), as comparable text and constants. A new builder must
+  be added here."""
+  normal = lambda text: re.sub(r" at 0x[0-9a-f]+", "", text)   # closures' addresses differ per build
+  modes = ("quantize", "spike")
+  graphdef, abstract, shardings = train_state._abstract_state.__wrapped__(cfg, mesh)
+  setup = train_state.TrainSetup(graphdef, None, shardings, abstract, mesh)
+  batch = {"image": jax.ShapeDtypeStruct((32, 16, 16, 3), jnp.float32), "label": jax.ShapeDtypeStruct((32,), jnp.int32)}
+  metrics = nnx.state(evaluators.EvalMetrics(modes, cfg.data.num_classes))
+  trace = {
+      "init": lambda: train_state._init_program.__wrapped__(cfg, setup).trace(),
+      "train": lambda: train_lib.make_train_step.__wrapped__(cfg, setup).trace(abstract, batch),
+      "eval": lambda: evaluators.make_eval_step.__wrapped__(cfg, setup, modes).trace(
+          abstract, metrics, batch | {"mask": jax.ShapeDtypeStruct((32,), jnp.bool_)})}
+  keys = lambda c: jax.random.key_data(c) if jax.dtypes.issubdtype(c.dtype, jax.dtypes.prng_key) else c
+  out = {"state": (normal(repr(graphdef)), jax.tree.structure(abstract), jax.tree.leaves(abstract),
+                   jax.tree.leaves(shardings))}
+  for name in traced:
+    jaxpr = trace[name]().jaxpr
+    out[name] = (normal(str(jaxpr)), [(np.asarray(keys(c)).tobytes(), c.shape, str(c.dtype)) for c in jaxpr.consts])
+  return out
+
+
+def test_the_loop_only_keys_reach_no_program():
+  """The programs of a config with every loop-only value changed are those of the original,
+  operation for operation and constant for constant; so the cache may share them."""
+  builders = set()
+  for path in pathlib.Path(programs.__file__).parents[1].rglob("*.py"):
+    builders |= set(re.findall(r"@programs\.reused\ndef (\w+)", path.read_text()))
+  assert builders == {"_abstract_state", "_init_program", "make_train_step", "make_eval_step"}, (
+      "a new reused builder: compare its programs in _traced_programs")
+  mesh = shd.make_mesh(1)
+  base = _traced_programs(small_digits(8), mesh)
+  loop_only = {name: _changed(v) for name, v in _leaves(small_digits(8)) if _loop_only(name)}
+  changed = _traced_programs(small_digits(8, **loop_only), mesh)
+  for name in base:
+    assert changed[name] == base[name], f"a loop-only key changes the {name} program"
+  # The comparison sees a difference where there is one: the seed is only the train step's
+  # augmentation key (a constant), the precision a parameter of the evaluation's products.
+  other = _traced_programs(small_digits(8, seed=1, eval_matmul_precision="default"), mesh, ("train", "eval"))
+  assert other["train"][0] == base["train"][0] and other["train"][1] != base["train"][1]
+  assert other["eval"][0] != base["eval"][0]
 
 
 def test_equal_configs_share_the_step_and_later_edits_reach_no_built_program(monkeypatch):

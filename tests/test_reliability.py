@@ -173,6 +173,8 @@ BAD_INPUTS = [
     ({"model.arch.paradigm": "bptt"}, r"paradigm='bptt': use one of \('expg', 'stbp'\)"),
     ({"nonfinite": "ignore"}, r"nonfinite='ignore': use 'stop' or 'skip'"),
     ({"total_steps": 0}, r"total_steps=0 must be >= 1"),
+    ({"alpha.kind": "exp"}, r"Unknown alpha schedule 'exp': use 'linear', 'cosine', 'poly' or 'constant'"),
+    ({"alpha.ramp_end": 1.5}, r"alpha ramp_end=1.5 is outside \(0, 1\]: set it to the fraction of total_steps"),
 ]
 
 

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 from typing import NamedTuple
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
 from ge2mst_jax.spiking.spike_stats import SpikeStats
@@ -412,26 +414,44 @@ def _blend_bwd(T, K, symmetric, method, res, g):
 _blend.defvjp(_blend_fwd, _blend_bwd)
 
 
-def alpha_schedule(progress, kind: str = "linear", ramp_end: float = 0.8, power: float = 1.0):
-  """alpha for the training fraction `progress` in [0, 1] (step/steps or epoch/epochs).
+ALPHA_KINDS = ("linear", "cosine", "poly", "constant")
 
-  kind: 'linear' (alpha = progress / ramp_end, i.e. e/E when ramp_end = 1),
-  'cosine' (half-cosine ramp), 'poly' (linear ** power), 'constant' (always 1,
-  pure quantizer training). alpha reaches 1 at `ramp_end` and stays there, so
-  the last stretch of training already sees the exact quantizer.
+
+def alpha_schedule(total_steps: int, kind: str = "linear", ramp_end: float = 0.8,
+                   power: float = 1.0) -> optax.Schedule:
+  """The progressive activation's alpha as an optax schedule of the optimizer's step count.
+
+  alpha rises from 0 (ClipReLU) to 1 (the quantizer) over the first `ramp_end * total_steps`
+  steps, which need not be a whole number, and holds at 1 after, so the last stretch of training
+  already sees the exact quantizer. With `r = step / (ramp_end * total_steps)`: 'linear' is r
+  (e/E when ramp_end = 1), 'cosine' the half-cosine (1 - cos(pi r)) / 2, 'poly' r ** power,
+  'constant' 1 throughout (pure quantizer training).
   """
+  if kind not in ALPHA_KINDS:
+    raise ValueError(f"Unknown alpha schedule {kind!r}: use 'linear', 'cosine', 'poly' or 'constant'.")
   if not 0 < ramp_end <= 1:
-    raise ValueError(f"alpha ramp_end={ramp_end} must be in (0, 1].")
-  r = jnp.clip(jnp.asarray(progress, jnp.float32) / ramp_end, 0.0, 1.0)
-  if kind == "linear":
-    return r
-  if kind == "cosine":
-    return 0.5 * (1 - jnp.cos(jnp.pi * r))
-  if kind == "poly":
-    return r ** power
+    raise ValueError(f"alpha ramp_end={ramp_end} is outside (0, 1]: set it to the fraction of total_steps "
+                     f"at which alpha reaches 1.")
+  if total_steps < 1:
+    raise ValueError(f"total_steps={total_steps} must be >= 1 for the alpha schedule.")
   if kind == "constant":
-    return jnp.ones_like(r)
-  raise ValueError(f"Unknown alpha schedule {kind!r}: use 'linear', 'cosine', 'poly' or 'constant'.")
+    return optax.constant_schedule(1.0)
+  ramp_steps = ramp_end * total_steps
+  linear = optax.linear_schedule(0.0, 1.0, ramp_steps)
+  if kind == "linear":
+    ramp = linear
+  elif kind == "cosine":
+    # optax's cosine schedules fall from their peak (cosine_decay_schedule) or rise from
+    # peak / div_factor, never from 0 (cosine_onecycle_schedule): the rise is one minus the fall.
+    fall = optax.cosine_decay_schedule(1.0, ramp_steps)
+    ramp = lambda count: 1.0 - fall(count)
+  else:
+    # optax's polynomial_schedule(0, 1, power) is 1 - (1 - r) ** power, the mirror image of this
+    # ramp (fast where it is slow): the ramp is the linear one raised to the power.
+    ramp = lambda count: linear(count) ** power
+  # 1 exactly from the first whole step at or past the ramp's end (a ramp may end between two
+  # steps), not by the ramps' rounding: only alpha >= 1 is the quantizer bit for bit.
+  return optax.join_schedules([ramp, optax.constant_schedule(1.0)], [math.ceil(ramp_steps)])
 
 
 # ----------------------------------------------------------------------------

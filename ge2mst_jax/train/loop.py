@@ -40,10 +40,16 @@ from ge2mst_jax.train.state import (TrainSetup, abstract_train_state, eval_modes
 # ----------------------------------------------------------------------------
 # Steps
 # ----------------------------------------------------------------------------
+def alpha_schedule_of(cfg) -> optax.Schedule:
+  """`cfg.alpha`'s schedule of the step count; `ramp_end` is a fraction of `cfg.total_steps`."""
+  a = cfg.alpha
+  return alpha_schedule(cfg.total_steps, a.kind, a.ramp_end, a.get("power", 1.0))
+
+
 @programs.reused
 def make_train_step(cfg, setup: TrainSetup):
-  graphdef, total = setup.graphdef, max(cfg.total_steps, 1)
-  a = cfg.alpha
+  graphdef = setup.graphdef
+  alpha_fn = alpha_schedule_of(cfg)
   num_classes, smoothing = cfg.data.num_classes, cfg.label_smoothing
   lr_fn = learning_rate_schedule(cfg)
   skip_nonfinite = cfg.nonfinite == "skip"
@@ -57,7 +63,9 @@ def make_train_step(cfg, setup: TrainSetup):
     before = jax.tree.map(lambda x: x, state) if skip_nonfinite else None
     model, opt = model_and_optimizer(graphdef, state)
     step = opt.step[...]
-    alpha = alpha_schedule(step / total, a.kind, a.ramp_end, a.get("power", 1.0))
+    # An array even where the schedule is a Python 1.0 ('constant'): a static alpha would take
+    # evaluation's exact-grid path (neurons.static_alpha) instead of training's.
+    alpha = jnp.asarray(alpha_fn(step), jnp.float32)
     labels = optax.smooth_labels(jax.nn.one_hot(batch["label"], num_classes), smoothing)
     images, labels = mixing.mix(batch["image"], labels, jax.random.fold_in(aug_key, step), cfg.mixup, cfg.cutmix,
                                 partners)
@@ -112,6 +120,7 @@ def validate_config(cfg, mesh) -> None:
   if arch.event_frames != cfg.data.get("event_frames", 0):
     raise ValueError(f"model.arch.event_frames={arch.event_frames} differs from data.event_frames="
                      f"{cfg.data.get('event_frames', 0)}: set both to the number of event frames.")
+  alpha_schedule_of(cfg)   # its kind and ramp_end
   profiling.check(cfg)
   data_lib.check_data(cfg.data)
 

@@ -18,7 +18,10 @@ import json
 import jax
 
 # Read by the loop around the programs, never by what they compute: changing one (a checkpoint
-# interval, the evaluation batch size, whose shape jit keys on anyway) reuses the programs.
+# interval, the evaluation batch size, whose shape jit keys on anyway) reuses the programs. A key
+# listed here by mistake would reuse a stale program: tests/test_programs.py traces every reused
+# builder's programs with all of these changed and requires them identical, and checks that
+# changing any other key gives a new key.
 LOOP_ONLY_KEYS = frozenset({
     "async_checkpoints", "checkpoint_every", "compile_cache_dir", "distributed", "eval_batch_size",
     "eval_every", "eval_modes", "init_from", "keep_checkpoints", "lease", "log_every", "preempted_exit_code",
