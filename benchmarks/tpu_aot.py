@@ -104,6 +104,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 from configs import common as config_common, imagenet2012  # noqa: E402
 from ge2mst_jax.train import evaluator as evaluators, loop as train_lib, state as train_state
 from ge2mst_jax.nn import models  # noqa: E402
+from ge2mst_jax.spiking.forward import Forward  # noqa: E402
 from ge2mst_jax.train import sharding as shd  # noqa: E402
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
@@ -310,7 +311,7 @@ def _probe_block(cfg, net, block_range, topology, chip, rep, hlo_dir) -> dict:
       for bi, block in enumerate(stage_blocks):
         if (si, bi) == (stage, a):
           return x
-        x = block(x, mode="quantize", alpha=0.5)
+        x = block(x, Forward.of("quantize", 0.5))
 
   graphdef, params = nnx.split(net)
   x = jax.eval_shape(lambda p, i: block_input(nnx.merge(graphdef, p), i), params,
@@ -320,7 +321,7 @@ def _probe_block(cfg, net, block_range, topology, chip, rep, hlo_dir) -> dict:
   def forward(params, x, alpha):
     blocks = nnx.merge(graphdef, params)
     for block in blocks:
-      x = models.call_block(block, x, mode="quantize", alpha=alpha, remat=remat)
+      x = models.call_block(block, x, Forward.of("quantize", alpha), remat=remat)
     return x, nnx.state(blocks)
 
   def step(params, x, cotangent, alpha):

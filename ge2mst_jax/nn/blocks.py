@@ -9,9 +9,10 @@ Every synaptic layer runs in two modes with one set of weights:
 - `stbp`: the baseline paradigm (`stbp.py`): `(T, B, ...)` LIF spikes, time folded into the
   batch, `BN(conv(s_t))` for every step, as multi-step STBP layers compute it.
 
-With `collect=True` the layer sows into `SpikeStats` its exact synaptic-operation count
-(spike mode; a total over the batch) and its dense MAC count per image (both modes);
-`energy.py` aggregates them.
+Every module takes the pass's `Forward` context (`spiking/forward.py`: mode, alpha, whether to
+collect statistics, whether neuron outputs lie on their grids), built once by the network. With
+`ctx.collect` the layer sows into `SpikeStats` its exact synaptic-operation count (spike mode; a
+total over the batch) and its dense MAC count per image (both modes); `energy.py` aggregates them.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from ge2mst_jax.spiking.forward import Forward
 from ge2mst_jax.spiking.neurons import ExpGIF, SpikeTrain, grid_codes, weighted_step_sum
 from ge2mst_jax.spiking.spike_stats import SpikeStats
 from ge2mst_jax.spiking.stbp import LIF
@@ -48,11 +50,6 @@ def name_layers(network: nnx.Module, kinds: tuple) -> None:
   for path, module in nnx.iter_graph(network):
     if isinstance(module, kinds):
       module.scope = ".".join(map(str, path))
-
-
-def grid_unit(neuron, mode: str, alpha, dtype):
-  """`ExpGIF.grid_unit` of the neuron feeding a synaptic layer; None for other neurons (LIF)."""
-  return neuron.grid_unit(mode, alpha, dtype) if isinstance(neuron, ExpGIF) else None
 
 
 DEPTHWISE = ("shifts", "conv")
@@ -327,20 +324,20 @@ class SynapticConv(nnx.Module):
     k, _, cin_g, _ = self.kernel.shape
     return float(out_shape[-3] * out_shape[-2] * out_shape[-1] * k * k * cin_g)
 
-  def __call__(self, x, *, mode: str = "quantize", collect: bool = False, unit=None):
+  def __call__(self, x, ctx: Forward, *, unit=None):
     """`unit`: in quantize mode, the grid unit of a neuron output `x` lying on its grid
-    (`ExpGIF.grid_unit`): the layer then runs on the integer codes and scales once, the
+    (`Forward.unit`): the layer then runs on the integer codes and scales once, the
     arithmetic of spike mode, so that both modes agree in bf16 too."""
     with jax.named_scope(self.scope):
-      return self._forward(x, mode, collect, unit)
+      return self._forward(x, ctx, unit)
 
-  def _forward(self, x, mode, collect, unit):
-    if mode == "stbp":
-      y = unfold_steps(self(fold_steps(x), mode="quantize", collect=collect), x.shape[0])
-      if collect:
+  def _forward(self, x, ctx, unit):
+    if ctx.mode == "stbp":   # time folded into the batch: BN(conv(s_t)) for every step at once
+      y = unfold_steps(self._dense(fold_steps(x), None, ctx.collect), x.shape[0])
+      if ctx.collect:
         self.sow(SpikeStats, "sops", spike_sops_conv(x, self.kernel.shape, self.stride, self.groups))
       return y
-    if mode == "spike":
+    if ctx.mode == "spike":
       if not isinstance(x, SpikeTrain):
         raise TypeError("SynapticConv in spike mode consumes a SpikeTrain (the output of an ExpG-IF layer).")
       # 'code': the layer is linear, W (sum_t theta_t s_t) = sum_t theta_t (W s_t): one step, the code.
@@ -348,26 +345,33 @@ class SynapticConv(nnx.Module):
       s = fold_steps(steps).astype(self.dtype)
       y = conv2d(s, self.kernel[...].astype(self.dtype), self.stride, self.groups, self.acc_dtype, self.depthwise)
       y = integrate_steps(unfold_steps(y, steps.shape[0]), x.scale)
-      if collect:
+      if ctx.collect:
         self.sow(SpikeStats, "sops", spike_sops_conv(x.spikes, self.kernel.shape, self.stride, self.groups))
-    elif isinstance(x, SpikeTrain):
+      return self._finish(y, True, ctx.collect)
+    if isinstance(x, SpikeTrain):
       raise TypeError("SynapticConv got a SpikeTrain in quantize mode: call every layer with the same mode.")
-    else:
-      xs = x if unit is None else grid_codes(x, unit)
-      y = conv2d(xs.astype(self.dtype), self.kernel[...].astype(self.dtype), self.stride, self.groups, self.acc_dtype,
-                 self.depthwise, self.kernel_grad)
-      if unit is not None:
-        y = y * unit.astype(self.acc_dtype)
+    return self._dense(x, unit, ctx.collect)
+
+  def _dense(self, x, unit, collect):
+    """The layer on real activations (quantize mode; each step of stbp): conv, bias, BatchNorm."""
+    xs = x if unit is None else grid_codes(x, unit)
+    y = conv2d(xs.astype(self.dtype), self.kernel[...].astype(self.dtype), self.stride, self.groups, self.acc_dtype,
+               self.depthwise, self.kernel_grad)
+    if unit is not None:
+      y = y * unit.astype(self.acc_dtype)
+    return self._finish(y, False, collect)
+
+  def _finish(self, y, running: bool, collect):
     # Bias and BatchNorm after the accumulation, the same arithmetic in both modes (spike mode on
     # the running statistics: inference; on a chip they fold into the next neuron's threshold).
-    # Folded into a bf16 kernel instead, they round other weights than quantize mode's: one of
-    # the reasons bf16 predictions agreed 72-96 % of the time instead of all. The sum is rounded
-    # to the activation dtype once, in both modes, before BatchNorm (which computes in float32).
+    # Folded into a bf16 kernel instead, they would round other weights than quantize mode's and
+    # bf16 predictions would disagree between the modes. The sum is rounded to the activation
+    # dtype once, in both modes, before BatchNorm (which computes in float32).
     y = checkpoint_name(y.astype(self.out_dtype), SYNAPTIC_OUT)
     if self.bias is not None:
       y = y + self.bias[...]
     if self.bn is not None:
-      y = self.bn(y, use_running_average=True) if mode == "spike" else self.bn(y)
+      y = self.bn(y, use_running_average=True) if running else self.bn(y)
     y = y.astype(self.out_dtype)
     if collect:
       self.sow(SpikeStats, "macs", jnp.asarray(self._macs(y.shape), jnp.float32))
@@ -382,9 +386,9 @@ class SConv(nnx.Module):
     self.neuron = make_neuron(**neuron)
     self.conv = SynapticConv(cin, cout, kernel, stride, groups, compute=compute, rngs=rngs)
 
-  def __call__(self, x, *, mode="quantize", alpha=1.0, collect=False):
-    return self.conv(self.neuron(x, mode=mode, alpha=alpha, collect=collect), mode=mode, collect=collect,
-                     unit=grid_unit(self.neuron, mode, alpha, x.dtype))
+  def __call__(self, x, ctx: Forward):
+    s = self.neuron(x, ctx)
+    return self.conv(s, ctx, unit=ctx.unit(self.neuron, x.dtype))
 
 
 class SFFN(nnx.Module):
@@ -400,12 +404,11 @@ class SFFN(nnx.Module):
     self.dw = SConv(hidden, hidden, 3, groups=hidden, neuron=neuron, compute=compute, rngs=rngs) if depthwise else None
     self.fc2 = SConv(hidden, dim, 1, neuron=neuron, compute=compute, rngs=rngs)
 
-  def __call__(self, x, *, mode="quantize", alpha=1.0, collect=False):
-    kw = dict(mode=mode, alpha=alpha, collect=collect)
-    h = self.fc1(x, **kw)
+  def __call__(self, x, ctx: Forward):
+    h = self.fc1(x, ctx)
     if self.dw is not None:
-      h = self.dw(h, **kw)
-    return x + self.fc2(h, **kw)
+      h = self.dw(h, ctx)
+    return x + self.fc2(h, ctx)
 
 
 class Stem(nnx.Module):
@@ -417,9 +420,9 @@ class Stem(nnx.Module):
   def __init__(self, cin: int, cout: int, kernel: int, stride: int, *, compute: Compute = Compute(), rngs: nnx.Rngs):
     self.conv = SynapticConv(cin, cout, kernel, stride, compute=compute, rngs=rngs)
 
-  def __call__(self, x, *, mode="quantize", collect=False):
-    del mode  # the stem is not a spiking layer
-    return self.conv(x, mode="quantize", collect=collect)
+  def __call__(self, x, ctx: Forward = Forward.of()):
+    # Not a spiking layer: quantize mode's arithmetic whatever the pass's mode.
+    return self.conv(x, Forward.of(collect=ctx.collect))
 
 
 class EventFrameAdapter(nnx.Module):
@@ -434,9 +437,9 @@ class EventFrameAdapter(nnx.Module):
     self.frames, self.polarities = frames, polarities
     self.conv = SynapticConv(frames * polarities, out_channels, 3, compute=compute, rngs=rngs)
 
-  def __call__(self, events, *, collect=False):
+  def __call__(self, events, ctx: Forward = Forward.of()):
     if events.ndim != 5 or events.shape[1] != self.frames or events.shape[-1] != self.polarities:
       raise ValueError(f"Event input must be [B, {self.frames}, H, W, {self.polarities}], got {tuple(events.shape)}.")
     B, T_in, H, W, P = events.shape
     x = jnp.transpose(events, (0, 2, 3, 1, 4)).reshape(B, H, W, T_in * P)
-    return self.conv(x, mode="quantize", collect=collect)
+    return self.conv(x, Forward.of(collect=ctx.collect))   # real-valued, like the stem

@@ -21,10 +21,10 @@ from flax import nnx
 from ge2mst_jax.nn.attention import AttentionBlock, SpikingAttention, check_divisible
 from ge2mst_jax.nn.blocks import (ATTENTION_KERNELS, DEPTHWISE, KERNEL_GRADS, PARADIGMS, SFFN, Compute, EventFrameAdapter,
                                SConv, Stem, SynapticConv, make_neuron, name_layers, remat_policy)
+from ge2mst_jax.spiking.forward import Forward
 from ge2mst_jax.spiking.neurons import INTEGRATIONS, METHODS, check_tk
 from ge2mst_jax.spiking.stbp import RESETS, SURROGATES
 
-MODES = ("quantize", "spike", "stbp")
 REMATS = ("none", "block")
 
 
@@ -252,46 +252,44 @@ class Ge2msT(nnx.Module):
     return not first.use_running_average
 
   def __call__(self, images, *, mode: str = "quantize", alpha=1.0, collect: bool = False):
-    if mode not in MODES:
-      raise ValueError(f"Unknown mode {mode!r}: use 'quantize' (training) or 'spike' (inference).")
+    ctx = Forward.of(mode, alpha, collect)   # the one place the pass's properties are decided
     if (mode == "stbp") != (self.cfg.paradigm == "stbp"):
       raise ValueError(f"A {self.cfg.paradigm!r} network runs in mode(s) {self.cfg.eval_modes}, not {mode!r}.")
     if mode == "spike" and self.training:
       raise ValueError("Spike mode is inference (BatchNorm on its running statistics) but the model is "
                        "in training mode, where quantize mode uses batch statistics: call model.eval() first.")
     self.check_input(images)
-    kw = dict(mode=mode, alpha=alpha, collect=collect)
     x = images.astype(jnp.promote_types(self.cfg.dtype, jnp.float32))
     if self.adapter is not None:
-      x = self.adapter(x, collect=collect)
-    x = self.stem(x, collect=collect)
+      x = self.adapter(x, ctx)
+    x = self.stem(x, ctx)
     if mode == "stbp":  # direct encoding: the stem's output is the input current of every step
       x = jnp.broadcast_to(x, (self.cfg.T, *x.shape))
     for stage in self.stages:
       for block in stage:
-        x = call_block(block, x, remat=self.cfg.remat, **kw)
-    s = self.head_if(x, **kw)
+        x = call_block(block, x, ctx, remat=self.cfg.remat)
+    s = self.head_if(x, ctx)
     if mode == "spike" or (mode == "stbp" and collect):
       # The classifier consumes spikes token by token; pooling is additions. Linear, so training
       # pools first (the same function, fewer operations).
-      logits = jnp.mean(self.classifier(s, mode=mode, collect=collect), axis=(-3, -2))
+      logits = jnp.mean(self.classifier(s, ctx), axis=(-3, -2))
     else:
       pooled = jnp.mean(s.astype(jnp.promote_types(s.dtype, jnp.float32)), axis=(-3, -2), keepdims=True)
-      logits = self.classifier(pooled, mode=mode, collect=collect)[..., 0, 0, :]
+      logits = self.classifier(pooled, ctx)[..., 0, 0, :]
     return jnp.mean(logits, axis=0) if mode == "stbp" else logits
 
 
-def call_block(block, x, *, mode: str, alpha, collect: bool = False, remat: str = "none"):
+def call_block(block, x, ctx: Forward, *, remat: str = "none"):
   """One block as the network runs it: rematerialised under `remat='block'` when training (spike
   mode and the instrumented passes keep nothing for a backward pass)."""
-  if remat == "block" and mode != "spike" and not collect:
-    return _remat_call(block, x, alpha, mode)
-  return block(x, mode=mode, alpha=alpha, collect=collect)
+  if remat == "block" and ctx.mode != "spike" and not ctx.collect:
+    return _remat_call(block, x, ctx)
+  return block(x, ctx)
 
 
-@nnx.remat(static_argnums=(3,), policy=remat_policy)
-def _remat_call(block, x, alpha, mode):
-  return block(x, mode=mode, alpha=alpha)
+@nnx.remat(policy=remat_policy)
+def _remat_call(block, x, ctx):
+  return block(x, ctx)   # ctx is a pytree: alpha is traced, the mode and the grid decision static
 
 
 def arch_config(name: str, **overrides) -> ArchConfig:

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ge2mst_jax.spiking.forward import Forward
 from ge2mst_jax.spiking.spike_stats import SpikeStats
 
 MAX_T = 16  # level tables grow as 2^T; 16 steps is far beyond any published SNN setting.
@@ -203,17 +204,6 @@ def _grid_codes_jvp(primals, tangents):
   q, unit = primals
   dq, dunit = tangents
   return grid_codes(q, unit), (dq - q * dunit / unit) / unit
-
-
-def static_alpha(alpha) -> float | None:
-  """`alpha` as a Python float if it is known while tracing (a Python, numpy or concrete JAX
-  scalar), else None (a traced value, as in the train step's schedule)."""
-  if isinstance(alpha, jax.core.Tracer):   # asked first: float() of a tracer raises an error whose
-    return None                             # message walks the whole program traced so far
-  try:
-    return float(alpha)
-  except TypeError:   # not a scalar
-    return None
 
 
 def _code_parts(x, lam, T, K, symmetric, method):
@@ -449,9 +439,9 @@ scale_grad.defvjp(lambda x, scale: (x, scale), lambda scale, g: (g * scale, None
 class ExpGIF(nnx.Module):
   """An ExpG-IF neuron layer with a learnable threshold `lam` (one per layer).
 
-  `mode='quantize'`: the progressive activation (training; alpha=1 is the exact
-  quantizer). `mode='spike'`: returns a `SpikeTrain` of T steps whose decoding is
-  bitwise the quantizer's output.
+  Called as `neuron(x, ctx)` with the pass's `Forward` context. Quantize mode: the progressive
+  activation (training; alpha=1 is the exact quantizer). Spike mode: returns a `SpikeTrain` of
+  T steps whose decoding is bitwise the quantizer's output.
   """
 
   def __init__(self, T: int = 4, K: int = 2, symmetric: bool = False, lam_init: float = 1.0,
@@ -484,25 +474,16 @@ class ExpGIF(nnx.Module):
     """`lam / Z` in `dtype`, as both modes compute it: the value of one unit of the neuron's code."""
     return code_scale(self.threshold().astype(dtype), self.T, self.K, dtype)
 
-  def grid_unit(self, mode: str, alpha, dtype=jnp.float32) -> jax.Array | None:
-    """The unit of the grid the neuron's output lies on exactly, when it does: quantize mode at a
-    static alpha >= 1 (evaluation). None otherwise (training's blend, spike mode's SpikeTrain)."""
-    on_grid = mode == "quantize" and (static_alpha(alpha) or 0.0) >= 1
-    return self.code_unit(dtype) if on_grid else None
-
-  def __call__(self, x, *, mode: str = "quantize", alpha=1.0, collect: bool = False):
+  def __call__(self, x, ctx: Forward):
     # float32 whatever the activations' dtype, in both modes: the thresholds compare against it in
     # float32, and its gradient sums over the whole layer.
-    if mode == "quantize":
+    if ctx.mode == "quantize":
       lam = self.training_threshold(max(x.size // max(x.shape[0], 1), 1))
-      return progressive_activation(x, lam, alpha, self.T, self.K, self.symmetric, self.method)
-    lam = self.threshold()
-    if mode == "spike":
-      spikes, _ = expg_spikes(x, lam, self.T, self.K, self.symmetric, self.method, self.emitter)
-      if collect:
-        self.sow(SpikeStats, "spike_count", jnp.sum(jnp.abs(spikes), dtype=jnp.float32))
-        self.sow(SpikeStats, "neurons", jnp.asarray(x.size, jnp.float32))
-      return SpikeTrain(spikes, self.code_unit(x.dtype), self.integration)
-    if mode == "stbp":
+      return progressive_activation(x, lam, ctx.alpha, self.T, self.K, self.symmetric, self.method)
+    if ctx.mode == "stbp":
       raise ValueError("mode='stbp' needs LIF neurons: build the network with paradigm='stbp'.")
-    raise ValueError(f"Unknown neuron mode {mode!r}: use 'quantize' or 'spike'.")
+    spikes, _ = expg_spikes(x, self.threshold(), self.T, self.K, self.symmetric, self.method, self.emitter)
+    if ctx.collect:
+      self.sow(SpikeStats, "spike_count", jnp.sum(jnp.abs(spikes), dtype=jnp.float32))
+      self.sow(SpikeStats, "neurons", jnp.asarray(x.size, jnp.float32))
+    return SpikeTrain(spikes, self.code_unit(x.dtype), self.integration)

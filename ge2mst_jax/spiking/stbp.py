@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ge2mst_jax.spiking.forward import Forward
 from ge2mst_jax.spiking.spike_stats import SpikeStats
 
 SURROGATES = ("sigmoid", "atan")
@@ -89,15 +90,15 @@ class LIF(nnx.Module):
     self.T, self.tau, self.v_th, self.reset = T, float(tau), float(threshold), reset
     self.surrogate, self.alpha = surrogate, float(surrogate_alpha)
 
-  def __call__(self, x, *, mode: str = "stbp", alpha=1.0, collect: bool = False):
-    del alpha  # progressive activation belongs to ExpG-IF
-    if mode != "stbp":
-      raise ValueError(f"A LIF (STBP) network runs only in mode='stbp', not {mode!r}.")
+  def __call__(self, x, ctx: Forward):
+    # ctx.alpha is not read: progressive activation belongs to ExpG-IF.
+    if ctx.mode != "stbp":
+      raise ValueError(f"A LIF (STBP) network runs only in mode='stbp', not {ctx.mode!r}.")
     if x.shape[0] != self.T:
       raise ValueError(f"LIF layer built for T={self.T} got {x.shape[0]} time steps (input shape {x.shape}).")
     spikes = lif_scan(x, tau=self.tau, v_th=self.v_th, reset=self.reset, surrogate=self.surrogate,
                       alpha=self.alpha)
-    if collect:
+    if ctx.collect:
       self.sow(SpikeStats, "spike_count", jnp.sum(spikes, dtype=jnp.float32))
       self.sow(SpikeStats, "neurons", jnp.asarray(x[0].size, jnp.float32))
     return spikes
