@@ -448,6 +448,20 @@ def test_parameter_counts_are_within_two_percent_of_the_paper(name):
   assert abs(_param_count(name) / PAPER_PARAMS[name] - 1) <= 0.02
 
 
+def test_arch_config_is_flat_outside_and_grouped_inside():
+  """Small configs that check themselves; config files and overrides keep one flat namespace."""
+  cfg = models.arch_config("ge2mst_tiny", T=8, dtype="bfloat16", depths=[1, 1, 0, 0])
+  assert (cfg.neuron.T, cfg.numerics.dtype, cfg.shape.depths) == (8, "bfloat16", (1, 1, 0, 0))
+  assert (cfg.T, cfg.dtype, cfg.depths, cfg.paradigm) == (8, "bfloat16", (1, 1, 0, 0), "expg")
+  flat = cfg.flat()
+  assert set(flat) == set(models.FIELDS) and models.ArchConfig.from_flat(**flat) == cfg
+  assert cfg.replace(image_size=64).shape.image_size == 64 and cfg.replace(image_size=64).neuron == cfg.neuron
+  with pytest.raises(ValueError, match=r"Unknown model option\(s\) \['T_steps'\]"):
+    models.ArchConfig.from_flat(**flat, T_steps=3)
+  with pytest.raises(AttributeError):
+    cfg.widthz
+
+
 def test_create_model_errors_and_shapes():
   with pytest.raises(ValueError, match="Unknown model 'ge2mst_huge'"):
     models.create_model("ge2mst_huge")

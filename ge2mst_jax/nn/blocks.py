@@ -28,9 +28,7 @@ from jax.ad_checkpoint import checkpoint_name
 from ge2mst_jax.spiking.forward import Forward
 from ge2mst_jax.spiking.neurons import ExpGIF, SpikeTrain, grid_codes, weighted_step_sum
 from ge2mst_jax.spiking.spike_stats import SpikeStats
-from ge2mst_jax.spiking.stbp import LIF
-
-PARADIGMS = ("expg", "stbp")
+from ge2mst_jax.spiking.stbp import LIF, PARADIGMS
 
 
 def make_neuron(paradigm: str = "expg", lif: dict | None = None, **expg):
@@ -62,9 +60,8 @@ def remat_policy(prim, *_, **params) -> bool:
   """What a rematerialised block keeps for its backward pass: each synaptic layer's sum (in the
   activation dtype) and the reductions (BatchNorm's statistics: a few numbers per channel).
   BatchNorm, the neurons and the quantized activations the next layer reads are recomputed from
-  them in the backward pass. Measured with the TPU compiler (v5e, ge2mst_small stage 2): about
-  half the temporaries, ~10 % more HBM traffic (the recompute reads the sums again), so it is for
-  a network that does not fit otherwise."""
+  them in the backward pass: fewer temporaries for more HBM traffic (the recompute reads the sums
+  again) and a little more compute, so it is for a network that does not fit otherwise."""
   if prim.name == "name":
     return params["name"] == SYNAPTIC_OUT
   return prim.name.startswith("reduce_")
@@ -72,7 +69,8 @@ def remat_policy(prim, *_, **params) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class Compute:
-  """How a synaptic layer computes, the same in every mode.
+  """How a synaptic layer computes, the same in every mode: `Numerics.compute()`, with its choices
+  checked and resolved (the defaults here serve single layers built in tests).
 
   dtype: the convolution's operands (kernel and input). Products accumulate in at least float32.
   activations: the dtype a layer hands on (its output after BatchNorm, the residual stream,
@@ -83,7 +81,7 @@ class Compute:
     times slower) or 'conv' (a grouped convolution, what TPUs and GPUs run best).
   kernel_grad: how a dense k x k convolution's kernel gradient is computed: 'conv' (XLA's
     convolution over the output's whole window, what TPUs and GPUs run best) or 'taps' (one
-    matmul per kernel tap, `conv_kernel_grad`: 1.6-3x faster on XLA:CPU).
+    matmul per kernel tap, `conv_kernel_grad`: what XLA:CPU runs at its matmul rate).
   attention: GW-SSA's training-time core (scores, attention neuron, values): 'xla' (einsums) or
     'pallas' (`attention_kernel`: the score maps stay on chip; TPU), 'interpret' (that kernel
     through Pallas's interpreter, any backend: for tests).
@@ -94,14 +92,6 @@ class Compute:
   kernel_grad: str = "conv"
   attention: str = "xla"
 
-  def __post_init__(self):
-    if self.attention not in ATTENTION_KERNELS:
-      raise ValueError(f"Unknown attention kernel {self.attention!r}: use one of {ATTENTION_KERNELS}.")
-    if self.depthwise not in DEPTHWISE:
-      raise ValueError(f"Unknown depthwise form {self.depthwise!r}: use one of {DEPTHWISE}.")
-    if self.kernel_grad not in KERNEL_GRADS:
-      raise ValueError(f"Unknown kernel gradient form {self.kernel_grad!r}: use one of {KERNEL_GRADS}.")
-
   @property
   def acc_dtype(self):
     return jnp.promote_types(self.dtype, jnp.float32)
@@ -111,14 +101,63 @@ class Compute:
     return jnp.dtype(self.dtype if self.activations is None else self.activations)
 
 
+DTYPES = ("float32", "bfloat16", "float64")
+REMATS = ("none", "block")
+
+
+@dataclasses.dataclass(frozen=True)
+class Numerics:
+  """How a network computes: dtypes, kernel backends and training memory. Every choice is checked
+  here, once; `compute()` resolves 'same' and 'auto' into the layers' `Compute`."""
+  dtype: str = "float32"                      # synaptic compute: 'float32' | 'bfloat16' | 'float64' (checks; x64)
+  # The dtype layers hand on (residual stream, BatchNorm and neuron outputs): 'same' (= dtype) or one of the
+  # above; 'float32' with dtype 'bfloat16' keeps float32 activations beside bf16 synapses.
+  activation_dtype: str = "same"
+  # Depthwise convolutions: 'shifts' (shifted multiply-adds, fastest on CPU) | 'conv' (a grouped conv, for
+  # TPU/GPU) | 'auto' ('shifts' where JAX's default backend is the CPU, else 'conv'; decided at build time).
+  depthwise: str = "auto"
+  # Dense convolutions' kernel gradients: 'conv' (XLA's convolution; for TPU/GPU) | 'taps' (one matmul per kernel
+  # tap, faster on XLA:CPU; the same gradients up to float rounding) | 'auto' ('taps' on the CPU, else 'conv').
+  conv_kernel_grad: str = "auto"
+  # GW-SSA's training-time core (Q K^T, the attention neuron, A V; forward and backward): 'xla' (einsums,
+  # the score maps written out between fusions) | 'pallas' (one Pallas TPU kernel each way, the score maps
+  # kept on chip; TPU only) | 'interpret' (that kernel interpreted, any backend: slow, for tests) | 'auto'
+  # ('pallas' where JAX's default backend is a TPU, else 'xla'). Evaluation and spike mode always use 'xla'.
+  attention_kernel: str = "auto"
+  # Training memory: 'none' (autodiff keeps what it keeps) | 'block' (each block rematerialised, keeping only
+  # its synaptic sums and BatchNorm statistics: less memory for somewhat more HBM traffic and compute; for
+  # a network that does not fit otherwise).
+  remat: str = "none"
+
+  def __post_init__(self):
+    for name, choices in (("dtype", DTYPES), ("activation_dtype", ("same",) + DTYPES), ("remat", REMATS),
+                          ("depthwise", ("auto",) + DEPTHWISE), ("conv_kernel_grad", ("auto",) + KERNEL_GRADS),
+                          ("attention_kernel", ("auto",) + ATTENTION_KERNELS)):
+      if getattr(self, name) not in choices:
+        raise ValueError(f"{name}={getattr(self, name)!r}: use one of {choices}.")
+    if "float64" in (self.dtype, self.activation_dtype) and not jax.config.jax_enable_x64:
+      raise ValueError("dtype='float64' needs 64-bit JAX: set JAX_ENABLE_X64=1 or run inside "
+                       "`with jax.enable_x64(True):`.")
+
+  def compute(self) -> "Compute":
+    """The layers' `Compute`: 'same' and 'auto' resolved for JAX's default backend."""
+    backend = jax.default_backend()
+    cpu = backend == "cpu"
+    depthwise = ("shifts" if cpu else "conv") if self.depthwise == "auto" else self.depthwise
+    kernel_grad = ("taps" if cpu else "conv") if self.conv_kernel_grad == "auto" else self.conv_kernel_grad
+    attention = ("pallas" if backend == "tpu" else "xla") if self.attention_kernel == "auto" else self.attention_kernel
+    act = self.dtype if self.activation_dtype == "same" else self.activation_dtype
+    return Compute(jnp.dtype(self.dtype), jnp.dtype(act), depthwise, kernel_grad, attention)
+
+
 class BatchNorm(nnx.BatchNorm):
   """`nnx.BatchNorm` (the same variables, modes and arithmetic, op for op) that replaces its
   running statistics whole in training instead of through flax's `[...] =`.
 
   Why: that assignment asks the traced value for its `.sharding`, and the AttributeError JAX
   raises for a tracer first walks the whole program traced so far to say where the value came
-  from. Twice per layer and step, and the walk grows with the program: tracing ge2mst_small's
-  train step took 14.2-17.9 s with flax's assignment, 8.6-10.7 s with this (2026-12-01, CPU).
+  from. Twice per layer and step, and the walk grows with the program, so it dominates tracing
+  a large train step.
   It covers what the layers here use (features on the last axis, scale and bias, no `axis_name`:
   under jit the SPMD partitioner makes the statistics global); anything else is flax's own call.
   """
@@ -161,7 +200,7 @@ def conv2d(x, kernel, stride: int, groups: int, acc_dtype=None, depthwise: str =
   k = kernel.shape[0]
   if k == 1 and groups == 1:
     # A 1x1 convolution is a matmul over channels. As a dot its gradients are dots too; XLA's
-    # CPU convolution runs it 4-6x slower and its weight gradient as a conv with an HxW window.
+    # CPU convolution runs it several times slower and its weight gradient as a conv with an HxW window.
     return jnp.einsum("...c,cd->...d", x[..., ::stride, ::stride, :], kernel[0, 0], preferred_element_type=acc_dtype)
   if depthwise == "shifts" and groups > 1 and groups == x.shape[-1] == kernel.shape[-1] and kernel.shape[2] == 1:
     return depthwise_conv2d(x, kernel, stride, acc_dtype)
@@ -184,8 +223,7 @@ def conv_kernel_grad(x, g, k: int, stride: int = 1):
   batch and pixels: `k*k` matmuls `[C_out, N] @ [N, C_in]`, N = batch x output pixels.
 
   XLA's own form is a convolution whose window is the whole output map, which XLA:CPU runs at
-  a fraction of its matmul rate (ge2mst_small's Stage 1 at batch 8: 17-39 GFLOP/s against
-  48-87 for the taps, 2026-12-02). Products accumulate in at least float32; returns
+  a fraction of its matmul rate. Products accumulate in at least float32; returns
   `[k, k, C_in, C_out]` in that dtype.
   """
   acc = jnp.promote_types(jnp.result_type(x, g), jnp.float32)
@@ -245,9 +283,8 @@ def _shifted_sum(x, kernel, stride):
 
 @jax.custom_vjp
 def _depthwise_same(x, kernel):
-  """Stride 1. Autodiff of the shifted sum made XLA:CPU write each of the k*k shifted copies of
-  `x` out for the kernel gradient; this backward pass reads `x` in place (ge2mst_small's CPU
-  train step 6-7 % faster, 2026-12-02)."""
+  """Stride 1. Autodiff of the shifted sum makes XLA:CPU write each of the k*k shifted copies of
+  `x` out for the kernel gradient; this backward pass reads `x` in place."""
   return _shifted_sum(x, kernel, 1)
 
 
@@ -279,9 +316,9 @@ def fold_steps(x: jax.Array) -> jax.Array:
   """`(T, B, ...)` -> `(B * T, ...)`, batch-major, so that one layer call serves every step.
 
   Batch-major keeps each device's images contiguous: with the batch sharded over devices, the
-  step-major `(T * B)` merge cannot be sharded like its input, and XLA's partitioner gathered
-  the whole batch onto every device (each then computed all of it: spike-mode evaluation on 8
-  devices ran 7x slower than on one). On one device it costs nothing measurable (475 vs 463 ms).
+  step-major `(T * B)` merge cannot be sharded like its input, and XLA's partitioner gathers
+  the whole batch onto every device (each then computes all of it). On one device the two
+  orders cost the same.
   """
   return jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:])
 

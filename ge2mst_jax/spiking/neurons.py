@@ -11,6 +11,7 @@ Flax NNX module that the network uses wherever a neuron stands.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 from typing import NamedTuple
@@ -436,6 +437,29 @@ def scale_grad(x, scale):
 scale_grad.defvjp(lambda x, scale: (x, scale), lambda scale, g: (g * scale, None))
 
 
+@dataclasses.dataclass(frozen=True)
+class Neuron:
+  """The options of a network's ExpG-IF neurons, each checked here once (`ExpGIF` builds one too)."""
+  T: int = 4
+  K: int = 2
+  lam_init: float = 1.0
+  # Level search, one result: 'search' (binary) | 'compare' (a chain over the |L|-1 thresholds; fastest
+  # on CPU for small T) | 'arith' (bit arithmetic, cost flat in T; for large T, K in {1, 2, T}).
+  quantizer: str = "compare"
+  emitter: str = "bits"                       # spike emission: 'bits' (vectorised) | 'scan' (IF loop; same spikes)
+  # Spike-mode synapses: 'steps' (each layer on every binary step, then integrated, as a chip does) |
+  # 'code' (each layer once on the decoded train: the same linear sum regrouped, ~T x less work).
+  spike_integration: str = "steps"
+
+  def __post_init__(self):
+    check_tk(self.T, self.K)
+    if not self.lam_init > 0:
+      raise ValueError(f"ExpG-IF lam_init={self.lam_init} must be > 0.")
+    for name, choices in (("quantizer", METHODS), ("emitter", EMITTERS), ("spike_integration", INTEGRATIONS)):
+      if getattr(self, name) not in choices:
+        raise ValueError(f"{name}={getattr(self, name)!r}: use one of {choices}.")
+
+
 class ExpGIF(nnx.Module):
   """An ExpG-IF neuron layer with a learnable threshold `lam` (one per layer).
 
@@ -448,13 +472,7 @@ class ExpGIF(nnx.Module):
                method: str = "search", emitter: str = "bits", integration: str = "steps", *,
                rngs: nnx.Rngs | None = None):
     del rngs  # deterministic init; the argument keeps the NNX constructor convention.
-    check_tk(T, K)
-    if lam_init <= 0:
-      raise ValueError(f"ExpG-IF lam_init={lam_init} must be > 0.")
-    if emitter not in EMITTERS:
-      raise ValueError(f"Unknown spike emitter {emitter!r}: use one of {EMITTERS}.")
-    if integration not in INTEGRATIONS:
-      raise ValueError(f"Unknown spike integration {integration!r}: use one of {INTEGRATIONS}.")
+    Neuron(T, K, lam_init, method, emitter, integration)   # checks the options
     self.T, self.K, self.symmetric, self.method, self.emitter = T, K, symmetric, method, emitter
     self.integration = integration
     self.lam = nnx.Param(jnp.asarray(lam_init, jnp.float32))
