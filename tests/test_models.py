@@ -7,7 +7,7 @@ import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
+from flax import nnx, traverse_util
 
 from ge2mst_jax.nn import attention, blocks, models
 from ge2mst_jax.spiking.forward import Forward
@@ -460,6 +460,27 @@ def test_arch_config_is_flat_outside_and_grouped_inside():
     models.ArchConfig.from_flat(**flat, T_steps=3)
   with pytest.raises(AttributeError):
     cfg.widthz
+
+
+def test_a_state_saved_with_the_old_attention_layout_upgrades_to_this_one():
+  """Attention blocks own their input neuron (`block.neuron`; it was `block.attn.q.neuron`, with
+  `attn.q.conv` the Q layer): `upgrade_legacy_tree` maps such a tree onto this network's."""
+  model = models.create_model("ge2mst_tiny", 10, nnx.Rngs(0))
+  pure = nnx.to_pure_dict(nnx.state(model))
+
+  def old_path(path):
+    if len(path) > 3 and path[0] == "stages" and path[3] == "neuron":
+      return path[:3] + ("attn", "q", "neuron") + path[4:]
+    if len(path) > 4 and path[3:5] == ("attn", "q"):
+      return path[:5] + ("conv",) + path[5:]
+    return path
+
+  flat = traverse_util.flatten_dict(pure)
+  old = traverse_util.unflatten_dict({old_path(k): v for k, v in flat.items()})
+  assert ("stages", 1, 1, "attn", "q", "neuron", "lam") in traverse_util.flatten_dict(old)
+  upgraded = traverse_util.flatten_dict(models.upgrade_legacy_tree(old))
+  assert upgraded.keys() == flat.keys() and all(upgraded[k] is flat[k] for k in flat)
+  assert traverse_util.flatten_dict(models.upgrade_legacy_tree(pure)).keys() == flat.keys()   # idempotent
 
 
 def test_create_model_errors_and_shapes():

@@ -16,7 +16,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import nnx, traverse_util
 
 from ge2mst_jax.nn.attention import AttentionBlock, SpikingAttention, check_divisible
 from ge2mst_jax.nn.blocks import (SFFN, Compute, EventFrameAdapter, Numerics, SConv, Stem, SynapticConv, make_neuron,
@@ -297,6 +297,23 @@ def arch_from_config(cfg) -> ArchConfig:
 def model_from_config(cfg, rngs: nnx.Rngs | int | None = None) -> Ge2msT:
   """The network a training config describes, initialised from `rngs` (default: `cfg.seed`)."""
   return Ge2msT(arch_from_config(cfg), cfg.data.num_classes, rngs=_as_rngs(cfg.seed if rngs is None else rngs))
+
+
+def legacy_path(path: tuple) -> tuple:
+  """Where a value saved before attention blocks owned their input neuron lives now: `...attn.q.
+  neuron.*` -> `...neuron.*` (the block's) and `...attn.q.conv.*` -> `...attn.q.*`; any other path,
+  and every path of this network, is returned as it is. Works inside optimizer states too."""
+  for i in range(len(path) - 2):
+    if path[i:i + 2] == ("attn", "q") and path[i + 2] in ("neuron", "conv"):
+      return path[:i] + ("neuron",) + path[i + 3:] if path[i + 2] == "neuron" else path[:i + 2] + path[i + 3:]
+  return path
+
+
+def upgrade_legacy_tree(pure: dict) -> dict:
+  """A nested (pure) state dict with `legacy_path` applied to every leaf's path: what a checkpoint
+  written with the old attention layout needs before it is restored into this network."""
+  flat = traverse_util.flatten_dict(pure)
+  return traverse_util.unflatten_dict({legacy_path(k): v for k, v in flat.items()})
 
 
 def _as_rngs(rngs: nnx.Rngs | int) -> nnx.Rngs:
