@@ -103,7 +103,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 from configs import common as config_common, imagenet2012  # noqa: E402
 from ge2mst_jax.train import evaluator as evaluators, loop as train_lib, state as train_state
-from ge2mst_jax.nn import blocks, models  # noqa: E402
+from ge2mst_jax.nn import models  # noqa: E402
+from ge2mst_jax.nn.blocks import REMATS  # noqa: E402
 from ge2mst_jax.spiking.forward import Forward  # noqa: E402
 from ge2mst_jax.train import sharding as shd  # noqa: E402
 
@@ -364,7 +365,7 @@ def main(argv=None):
   p.add_argument("--fsdp", type=int, default=1, help="size of the mesh's fsdp axis (-1: all chips)")
   p.add_argument("--steps", default=",".join(STEPS), help="which of " + ",".join(STEPS))
   p.add_argument("--image_size", type=int, default=None, help="default: the model's own")
-  p.add_argument("--remat", default="none", choices=list(blocks.REMATS),
+  p.add_argument("--remat", default="none", choices=list(REMATS),
                  help="the model's remat option: 'block' keeps only synaptic sums and BatchNorm statistics")
   p.add_argument("--attention", default="pallas", choices=["pallas", "xla"],
                  help="GW-SSA's training core: the Pallas kernel (what a TPU runs by default) or XLA's einsums")
