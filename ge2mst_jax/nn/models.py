@@ -25,6 +25,7 @@ from ge2mst_jax.spiking.forward import Forward
 from ge2mst_jax.spiking.neurons import Neuron
 from ge2mst_jax.spiking.stbp import Baseline
 
+
 @dataclasses.dataclass(frozen=True)
 class Shape:
   """The network's shape. Fields marked (reading) follow SPEC's reconstruction."""
