@@ -367,6 +367,24 @@ def test_block_remat_gives_the_same_gradients_and_statistics():
   assert any(float(jnp.abs(g).max()) > 0 for g in grads["block"])
 
 
+def test_the_forward_context_decides_once_and_remat_keeps_its_decisions():
+  """`Forward.of` decides whether neuron outputs lie on their grids (quantize mode at a static
+  alpha >= 1); alpha is its only traced leaf, so a rematerialised block keeps the decision and an
+  evaluation under remat='block' computes exactly what it computes without."""
+  assert Forward.of("quantize", 1.0).on_grid and Forward.of("quantize", np.float32(1)).on_grid
+  assert not any(Forward.of(*a).on_grid for a in (("quantize", 0.5), ("spike",), ("stbp",)))
+  leaves, treedef = jax.tree.flatten(Forward.of("quantize", 1.0, collect=True))
+  again = jax.tree.unflatten(treedef, [jnp.float32(0.25)])
+  assert leaves == [1.0] and (again.mode, again.collect, again.on_grid) == ("quantize", True, True)
+  x = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
+  logits = {}
+  for remat in ("none", "block"):
+    model = models.create_model("ge2mst_tiny", 10, nnx.Rngs(0), image_size=16, remat=remat, **EVERY_BLOCK_ONCE)
+    model.eval()
+    logits[remat] = quantize_forward(model, x)
+  np.testing.assert_array_equal(logits["none"], logits["block"])
+
+
 # flax's own BatchNorm, the reference, stores float64 statistics into its float32 variables by an
 # indexed assignment that JAX warns will become an error; blocks.BatchNorm casts them first.
 @pytest.mark.filterwarnings("ignore:scatter inputs have incompatible types:FutureWarning")
