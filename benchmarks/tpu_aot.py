@@ -104,6 +104,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 from configs import common as config_common, imagenet2012  # noqa: E402
 from ge2mst_jax.train import evaluator as evaluators, loop as train_lib, state as train_state
 from ge2mst_jax.nn import models  # noqa: E402
+from ge2mst_jax.nn.blocks import REMATS  # noqa: E402
+from ge2mst_jax.spiking.forward import Forward  # noqa: E402
 from ge2mst_jax.train import sharding as shd  # noqa: E402
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
@@ -310,7 +312,7 @@ def _probe_block(cfg, net, block_range, topology, chip, rep, hlo_dir) -> dict:
       for bi, block in enumerate(stage_blocks):
         if (si, bi) == (stage, a):
           return x
-        x = block(x, mode="quantize", alpha=0.5)
+        x = block(x, Forward.of("quantize", 0.5))
 
   graphdef, params = nnx.split(net)
   x = jax.eval_shape(lambda p, i: block_input(nnx.merge(graphdef, p), i), params,
@@ -320,7 +322,7 @@ def _probe_block(cfg, net, block_range, topology, chip, rep, hlo_dir) -> dict:
   def forward(params, x, alpha):
     blocks = nnx.merge(graphdef, params)
     for block in blocks:
-      x = models.call_block(block, x, mode="quantize", alpha=alpha, remat=remat)
+      x = models.call_block(block, x, Forward.of("quantize", alpha), remat=remat)
     return x, nnx.state(blocks)
 
   def step(params, x, cotangent, alpha):
@@ -363,7 +365,7 @@ def main(argv=None):
   p.add_argument("--fsdp", type=int, default=1, help="size of the mesh's fsdp axis (-1: all chips)")
   p.add_argument("--steps", default=",".join(STEPS), help="which of " + ",".join(STEPS))
   p.add_argument("--image_size", type=int, default=None, help="default: the model's own")
-  p.add_argument("--remat", default="none", choices=list(models.REMATS),
+  p.add_argument("--remat", default="none", choices=list(REMATS),
                  help="the model's remat option: 'block' keeps only synaptic sums and BatchNorm statistics")
   p.add_argument("--attention", default="pallas", choices=["pallas", "xla"],
                  help="GW-SSA's training core: the Pallas kernel (what a TPU runs by default) or XLA's einsums")

@@ -1,6 +1,4 @@
 """Defaults shared by every config; each data set's file overrides what differs."""
-import dataclasses
-
 import ml_collections
 
 from ge2mst_jax.nn import models
@@ -8,7 +6,7 @@ from ge2mst_jax.nn import models
 
 def arch_dict(name: str, **overrides) -> ml_collections.ConfigDict:
   """Every ArchConfig field of a family member, so `--config.model.arch.FIELD=...` works for all."""
-  arch = dataclasses.asdict(models.arch_config(name, **overrides))
+  arch = models.arch_config(name, **overrides).flat()
   # None ("automatic") fields become typed placeholders that a flag can still set.
   arch = {k: ml_collections.config_dict.placeholder(int) if v is None else v for k, v in arch.items()}
   return ml_collections.ConfigDict(arch)

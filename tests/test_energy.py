@@ -7,6 +7,7 @@ from flax import nnx
 
 from ge2mst_jax.nn import attention, blocks, models
 from ge2mst_jax.evaluate import energy
+from ge2mst_jax.spiking.forward import Forward
 from ge2mst_jax.spiking.neurons import SpikeTrain
 
 # The tests share a module fixture: one worker computes it once.
@@ -14,7 +15,7 @@ pytestmark = pytest.mark.xdist_group("tiny_energy")
 
 
 def _layer_sops(layer, train):
-  _, flat = energy.capture_stats(lambda m, x: m(x, mode="spike", collect=True), layer, train)
+  _, flat = energy.capture_stats(lambda m, x: m(x, Forward.of("spike", collect=True)), layer, train)
   return {k[-1]: float(v) for k, v in flat.items()}
 
 
@@ -53,8 +54,8 @@ def test_code_integration_same_sum_and_same_sops(kernel, stride, groups):
   steps = _layer_sops(layer, SpikeTrain(spikes, jnp.float32(0.125)))
   code = _layer_sops(layer, SpikeTrain(spikes, jnp.float32(0.125), "code"))
   assert steps == code and steps["sops"] > 0
-  y_steps = layer(SpikeTrain(spikes, jnp.float32(0.125)), mode="spike")
-  y_code = layer(SpikeTrain(spikes, jnp.float32(0.125), "code"), mode="spike")
+  y_steps = layer(SpikeTrain(spikes, jnp.float32(0.125)), Forward.of("spike"))
+  y_code = layer(SpikeTrain(spikes, jnp.float32(0.125), "code"), Forward.of("spike"))
   assert y_code.shape == y_steps.shape
   np.testing.assert_allclose(y_code, y_steps, rtol=1e-5, atol=1e-5)
   assert float(jnp.max(jnp.abs(y_steps))) > 0.1

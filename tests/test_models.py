@@ -7,9 +7,10 @@ import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
+from flax import nnx, traverse_util
 
 from ge2mst_jax.nn import attention, blocks, models
+from ge2mst_jax.spiking.forward import Forward
 from ge2mst_jax.spiking.neurons import SpikeTrain
 
 
@@ -28,13 +29,19 @@ def calibrated(model, images, steps=12):
   return model
 
 
-def looped_reference(att: attention.SpikingAttention, x, alpha):
+def attention_of(x, alpha):
+  """An input neuron and a GW-SSA layer (as an AttentionBlock holds them) on `x`, quantize mode."""
+  ctx = Forward.of("quantize", alpha)
+  return lambda neuron, att: att(neuron(x, ctx), ctx, unit=ctx.unit(neuron, x.dtype))
+
+
+def looped_reference(neuron, att: attention.SpikingAttention, x, alpha):
   """GW-SSA written the slow obvious way: explicit Python loops over every group."""
-  kw = dict(mode="quantize", alpha=alpha)
-  s = att.q.neuron(x, **kw)
-  q = att.q_if(att.q.conv(s, mode="quantize"), **kw)
-  k = att.k_if(att.k(s, mode="quantize"), **kw)
-  v = att.v_if(att.v(s, mode="quantize"), **kw)
+  ctx = Forward.of("quantize", alpha)
+  s = neuron(x, ctx)
+  q = att.q_if(att.q(s, ctx), ctx)
+  k = att.k_if(att.k(s, ctx), ctx)
+  v = att.v_if(att.v(s, ctx), ctx)
   B, H, W, _ = x.shape
   out = np.zeros(q.shape, np.float32)
   start = 0
@@ -55,27 +62,28 @@ def looped_reference(att: attention.SpikingAttention, x, alpha):
       for hd in range(att.heads):
         hs = slice(hd * d, (hd + 1) * d)
         qt, kt, vt = (t[..., hs].reshape(B, gh * gw, d) for t in (qg, kg, vg))
-        a = att.attn_if(jnp.einsum("bnd,bmd->bnm", qt, kt) * 2.0 ** -att.scale_log2, **kw)
+        a = att.attn_if(jnp.einsum("bnd,bmd->bnm", qt, kt) * 2.0 ** -att.scale_log2, ctx)
         o = jnp.einsum("bnm,bmd->bnd", a, vt).reshape(B, gh, gw, d)
         idx = np.arange(out.shape[-1])[sl][hs]
         block = out[:, rows, cols]
         block[..., idx] = np.asarray(o)
         out[:, rows, cols] = block
     start += c
-  return att.proj(att.out_if(jnp.asarray(out), **kw), mode="quantize")
+  return att.proj(att.out_if(jnp.asarray(out), ctx), ctx)
 
 
 @pytest.mark.parametrize("H,W,s,heads,frac", [(8, 8, 2, 1, 0.5), (8, 12, 4, 2, 0.5), (12, 12, 3, 2, 0.25),
                                               (6, 6, 2, 1, 1.0), (4, 8, 2, 2, 0.0), (7, 7, None, 2, 0.5)])
 def test_gw_ssa_equals_looped_reference(H, W, s, heads, frac):
   dim = 16
+  neuron = blocks.make_neuron(T=4, K=2)
   att = attention.SpikingAttention(dim, heads, s, frac, neuron=dict(T=4, K=2), rngs=nnx.Rngs(0))
   att.eval()
   x = jax.random.normal(jax.random.key(1), (2, H, W, dim))
   alpha = 0.5  # off the level grid, so both paths round the same way
   # Jitted, as the network runs it: one compile, where eagerly each operation compiled (~70 a case).
-  ours = nnx.jit(lambda att, x: att(x, mode="quantize", alpha=alpha))(att, x)
-  np.testing.assert_allclose(ours, looped_reference(att, x, alpha), rtol=1e-5, atol=1e-5)
+  ours = nnx.jit(lambda neuron, att, x: attention_of(x, alpha)(neuron, att))(neuron, att, x)
+  np.testing.assert_allclose(ours, looped_reference(neuron, att, x, alpha), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("alpha", [1.0, 1, np.float32(1.0), np.array(1.0), jnp.float32(1.0)],
@@ -83,17 +91,18 @@ def test_gw_ssa_equals_looped_reference(H, W, s, heads, frac):
 def test_every_static_alpha_of_one_takes_the_exact_grid_product(alpha, monkeypatch):
   """Evaluation's exact-tie path (grid_einsum) for alpha = 1 however it is written; a traced
   alpha (the train step's schedule) cannot be known to be on the grid and takes the plain one."""
+  neuron = blocks.make_neuron(T=4, K=2)
   att = attention.SpikingAttention(16, 1, 2, 0.5, neuron=dict(T=4, K=2), rngs=nnx.Rngs(0))
   att.eval()
   x = jax.random.normal(jax.random.key(1), (1, 4, 4, 16))
   calls = []
   real = attention.grid_einsum
   monkeypatch.setattr(attention, "grid_einsum", lambda *a: calls.append(a[0]) or real(*a))
-  reference = att(x, mode="quantize", alpha=1.0)
+  reference = attention_of(x, 1.0)(neuron, att)
   assert len(calls) == 4          # Q.K^T and A.V in the global and the local part
-  np.testing.assert_array_equal(att(x, mode="quantize", alpha=alpha), reference)
+  np.testing.assert_array_equal(attention_of(x, alpha)(neuron, att), reference)
   assert len(calls) == 8
-  nnx.jit(lambda m, a: m(x, mode="quantize", alpha=a))(att, alpha)
+  nnx.jit(lambda n, m, a: attention_of(x, a)(n, m))(neuron, att, alpha)
   assert len(calls) == 8
 
 
@@ -241,7 +250,7 @@ def test_activation_dtype_is_what_layers_hand_on():
     model = models.create_model("ge2mst_tiny", 10, nnx.Rngs(0), dtype="bfloat16", image_size=16,
                                 activation_dtype=act)
     stem = nnx.eval_shape(lambda m: m.stem(x), model)
-    block = nnx.eval_shape(lambda m: m.stages[1][1](jnp.zeros((2, 4, 4, 32), want), mode="quantize", alpha=0.5), model)
+    block = nnx.eval_shape(lambda m: m.stages[1][1](jnp.zeros((2, 4, 4, 32), want), Forward.of("quantize", 0.5)), model)
     assert stem.dtype == block.dtype == want, act
     assert nnx.eval_shape(lambda m: m(x), model).dtype == jnp.float32
   with pytest.raises(ValueError, match="activation_dtype='half'"):
@@ -358,6 +367,24 @@ def test_block_remat_gives_the_same_gradients_and_statistics():
   assert any(float(jnp.abs(g).max()) > 0 for g in grads["block"])
 
 
+def test_the_forward_context_decides_once_and_remat_keeps_its_decisions():
+  """`Forward.of` decides whether neuron outputs lie on their grids (quantize mode at a static
+  alpha >= 1); alpha is its only traced leaf, so a rematerialised block keeps the decision and an
+  evaluation under remat='block' computes exactly what it computes without."""
+  assert Forward.of("quantize", 1.0).on_grid and Forward.of("quantize", np.float32(1)).on_grid
+  assert not any(Forward.of(*a).on_grid for a in (("quantize", 0.5), ("spike",), ("stbp",)))
+  leaves, treedef = jax.tree.flatten(Forward.of("quantize", 1.0, collect=True))
+  again = jax.tree.unflatten(treedef, [jnp.float32(0.25)])
+  assert leaves == [1.0] and (again.mode, again.collect, again.on_grid) == ("quantize", True, True)
+  x = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
+  logits = {}
+  for remat in ("none", "block"):
+    model = models.create_model("ge2mst_tiny", 10, nnx.Rngs(0), image_size=16, remat=remat, **EVERY_BLOCK_ONCE)
+    model.eval()
+    logits[remat] = quantize_forward(model, x)
+  np.testing.assert_array_equal(logits["none"], logits["block"])
+
+
 # flax's own BatchNorm, the reference, stores float64 statistics into its float32 variables by an
 # indexed assignment that JAX warns will become an error; blocks.BatchNorm casts them first.
 @pytest.mark.filterwarnings("ignore:scatter inputs have incompatible types:FutureWarning")
@@ -389,10 +416,10 @@ def test_spike_mode_is_multiplication_free(monkeypatch):
 
   conv_call = blocks.SynapticConv.__call__
 
-  def conv_spy(self, x, *, mode="quantize", **kw):
-    if mode == "spike":
+  def conv_spy(self, x, ctx, **kw):
+    if ctx.mode == "spike":
       received["conv"].append(x)
-    return conv_call(self, x, mode=mode, **kw)
+    return conv_call(self, x, ctx, **kw)
 
   einsum = attention.spike_einsum
 
@@ -437,6 +464,41 @@ def test_parameter_counts_are_exactly_the_documented_ones(name):
 def test_parameter_counts_are_within_two_percent_of_the_paper(name):
   # The paper rounds to 10 k and does not list every width: our reading of it must land close.
   assert abs(_param_count(name) / PAPER_PARAMS[name] - 1) <= 0.02
+
+
+def test_arch_config_is_flat_outside_and_grouped_inside():
+  """Small configs that check themselves; config files and overrides keep one flat namespace."""
+  cfg = models.arch_config("ge2mst_tiny", T=8, dtype="bfloat16", depths=[1, 1, 0, 0])
+  assert (cfg.neuron.T, cfg.numerics.dtype, cfg.shape.depths) == (8, "bfloat16", (1, 1, 0, 0))
+  assert (cfg.T, cfg.dtype, cfg.depths, cfg.paradigm) == (8, "bfloat16", (1, 1, 0, 0), "expg")
+  flat = cfg.flat()
+  assert set(flat) == set(models.FIELDS) and models.ArchConfig.from_flat(**flat) == cfg
+  assert cfg.replace(image_size=64).shape.image_size == 64 and cfg.replace(image_size=64).neuron == cfg.neuron
+  with pytest.raises(ValueError, match=r"Unknown model option\(s\) \['T_steps'\]"):
+    models.ArchConfig.from_flat(**flat, T_steps=3)
+  with pytest.raises(AttributeError):
+    cfg.widthz
+
+
+def test_a_state_saved_with_the_old_attention_layout_upgrades_to_this_one():
+  """Attention blocks own their input neuron (`block.neuron`; it was `block.attn.q.neuron`, with
+  `attn.q.conv` the Q layer): `upgrade_legacy_tree` maps such a tree onto this network's."""
+  model = models.create_model("ge2mst_tiny", 10, nnx.Rngs(0))
+  pure = nnx.to_pure_dict(nnx.state(model))
+
+  def old_path(path):
+    if len(path) > 3 and path[0] == "stages" and path[3] == "neuron":
+      return path[:3] + ("attn", "q", "neuron") + path[4:]
+    if len(path) > 4 and path[3:5] == ("attn", "q"):
+      return path[:5] + ("conv",) + path[5:]
+    return path
+
+  flat = traverse_util.flatten_dict(pure)
+  old = traverse_util.unflatten_dict({old_path(k): v for k, v in flat.items()})
+  assert ("stages", 1, 1, "attn", "q", "neuron", "lam") in traverse_util.flatten_dict(old)
+  upgraded = traverse_util.flatten_dict(models.upgrade_legacy_tree(old))
+  assert upgraded.keys() == flat.keys() and all(upgraded[k] is flat[k] for k in flat)
+  assert traverse_util.flatten_dict(models.upgrade_legacy_tree(pure)).keys() == flat.keys()   # idempotent
 
 
 def test_create_model_errors_and_shapes():

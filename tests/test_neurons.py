@@ -10,6 +10,7 @@ from flax import nnx
 from hypothesis import given, settings, strategies as st
 
 from ge2mst_jax.spiking import neurons as nr
+from ge2mst_jax.spiking.forward import Forward
 
 TK = [(T, K) for T in range(1, 9) for K in range(1, T + 1)]
 emit = jax.jit(nr.expg_spikes, static_argnums=(2, 3, 4))
@@ -302,16 +303,18 @@ def test_jit_vmap_grad_shapes_dtypes(dtype):
 def test_nnx_neuron_modes():
   n = nr.ExpGIF(T=4, K=2, lam_init=1.5)
   x = jax.random.normal(jax.random.key(3), (2, 8, 8, 4)) * 2
-  q = n(x, mode="quantize", alpha=1.0)
-  train = n(x, mode="spike")
+  q = n(x, Forward.of("quantize", alpha=1.0))
+  train = n(x, Forward.of("spike"))
   assert isinstance(train, nr.SpikeTrain) and train.spikes.shape == (4, 2, 8, 8, 4)
   np.testing.assert_array_equal(train.decode(), q)
-  grads = nnx.grad(lambda m: jnp.sum(m(x, mode="quantize", alpha=0.5) ** 2))(n)
+  grads = nnx.grad(lambda m: jnp.sum(m(x, Forward.of("quantize", alpha=0.5)) ** 2))(n)
   assert float(grads.lam[...]) != 0
-  with pytest.raises(ValueError, match="Unknown neuron mode"):
-    n(x, mode="ann")
+  with pytest.raises(ValueError, match="Unknown mode 'ann'"):
+    n(x, Forward.of("ann"))
+  with pytest.raises(ValueError, match="mode='stbp' needs LIF neurons"):
+    n(x, Forward.of("stbp"))
   sym = nr.ExpGIF(T=3, K=3, symmetric=True)
-  assert set(np.unique(sym(x, mode="spike").spikes).tolist()) == {-1.0, 0.0, 1.0}
+  assert set(np.unique(sym(x, Forward.of("spike")).spikes).tolist()) == {-1.0, 0.0, 1.0}
 
 
 def test_grid_codes_recovers_every_code_and_differentiates_as_a_division():

@@ -22,7 +22,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ge2mst_jax.nn.attention_kernel import sharded_attention_core
-from ge2mst_jax.nn.blocks import Compute, SConv, SynapticConv, grid_unit, make_neuron
+from ge2mst_jax.nn.blocks import Compute, SynapticConv, make_neuron
+from ge2mst_jax.spiking.forward import Forward
 from ge2mst_jax.spiking.neurons import SpikeTrain, grid_codes, weighted_step_sum
 from ge2mst_jax.spiking.spike_stats import SpikeStats
 
@@ -147,18 +148,18 @@ def _grid_einsum_jvp(spec, primals, tangents):
   return grid_einsum(spec, a, b, sa, sb), (exact_einsum(spec, da, b) + exact_einsum(spec, a, db)).astype(a.dtype)
 
 
-def _product(spec, a, b, mode, owner, name, collect, scales=None):
+def _product(spec, a, b, ctx: Forward, owner, name, scales=None):
   with jax.named_scope(f"{owner.scope}.{name}"):   # the name energy reports give the product
-    if mode == "spike":
-      out = spike_einsum(spec, a, b, sow_to=owner if collect else None, name=name)
+    if ctx.mode == "spike":
+      out = spike_einsum(spec, a, b, sow_to=owner if ctx.collect else None, name=name)
       contracted = a.spikes.shape[-1]
     else:
       out = exact_einsum(spec, a, b).astype(a.dtype) if scales is None else grid_einsum(spec, a, b, *scales)
       contracted = a.shape[-1]
-      if mode == "stbp" and collect:  # binary spikes of one step meet: one accumulate per pair
+      if ctx.mode == "stbp" and ctx.collect:  # binary spikes of one step meet: one accumulate per pair
         owner.sow(SpikeStats, f"{name}_sops", jnp.sum(jnp.einsum(spec, jnp.abs(a), jnp.abs(b))))
-  if collect:  # dense MACs per image (and per step in stbp): every output sums `contracted` products
-    per_image = out.shape[0] * (out.shape[1] if mode == "stbp" else 1)
+  if ctx.collect:  # dense MACs per image (and per step in stbp): every output sums `contracted` products
+    per_image = out.shape[0] * (out.shape[1] if ctx.mode == "stbp" else 1)
     owner.sow(SpikeStats, f"{name}_macs", jnp.asarray(out.size // per_image * contracted, jnp.float32))
   return out
 
@@ -174,8 +175,10 @@ def _tokens(x, fn):
 class SpikingAttention(nnx.Module):
   """SSA (stride=None) or GW-SSA (stride s) on `(B, H, W, C)` tokens; returns `Proj(O)`.
 
-  GW-SSA: channels `[:C*global_frac]` attend within strided global groups, the rest
-  within `s x s` local windows; each part uses `heads` heads.
+  It takes the spikes of the block's input neuron (which the block owns and shares with its conv
+  branch): `attn(s, ctx, unit=ctx.unit(neuron, x.dtype))`. GW-SSA: channels `[:C*global_frac]`
+  attend within strided global groups, the rest within `s x s` local windows; each part uses
+  `heads` heads.
   """
 
   def __init__(self, dim: int, heads: int, stride: int | None = None, global_frac: float = 0.5,
@@ -195,7 +198,7 @@ class SpikingAttention(nnx.Module):
     head_dim = min(c for _, c in self.parts) // heads
     self.scale_log2 = int(round(0.5 * math.log2(head_dim))) if scale_log2 is None else int(scale_log2)
     sym = dict(neuron, symmetric=True)
-    self.q = SConv(dim, dim, 1, neuron=neuron, compute=compute, rngs=rngs)  # IF(X) -> 1x1 -> BN
+    self.q = SynapticConv(dim, dim, 1, compute=compute, rngs=rngs)
     self.k = SynapticConv(dim, dim, 1, compute=compute, rngs=rngs)
     self.v = SynapticConv(dim, dim, 1, compute=compute, rngs=rngs)
     self.q_if, self.k_if, self.v_if = make_neuron(**sym), make_neuron(**sym), make_neuron(**sym)
@@ -203,15 +206,13 @@ class SpikingAttention(nnx.Module):
     self.out_if = make_neuron(**sym)
     self.proj = SynapticConv(dim, dim, 1, compute=compute, rngs=rngs)
 
-  def attend(self, q, k, v, *, mode, alpha, collect):
+  def attend(self, q, k, v, ctx: Forward):
     """Attention of spike-coded `q, k, v` laid out `(..., G, N, heads, d)` (any leading dims)."""
-    kw = dict(mode=mode, alpha=alpha, collect=collect)
-    # With a static alpha = 1 (evaluation) the operands are exactly on their grids.
-    on_grid = mode == "quantize" and grid_unit(self.q_if, mode, alpha, q.dtype) is not None
-    pair = lambda n1, n2: (n1.code_unit(q.dtype), n2.code_unit(q.dtype)) if on_grid else None
-    scores = _product("...gnhd,...gmhd->...ghnm", q, k, mode, self, "qk", collect, pair(self.q_if, self.k_if))
-    a = self.attn_if(scores * (2.0 ** -self.scale_log2), **kw)  # a shift
-    return _product("...ghnm,...gmhd->...gnhd", a, v, mode, self, "av", collect, pair(self.attn_if, self.v_if))
+    # On the grid (evaluation's static alpha = 1) the operands are exact multiples of their units.
+    pair = lambda n1, n2: (n1.code_unit(q.dtype), n2.code_unit(q.dtype)) if ctx.on_grid else None
+    scores = _product("...gnhd,...gmhd->...ghnm", q, k, ctx, self, "qk", pair(self.q_if, self.k_if))
+    a = self.attn_if(scores * (2.0 ** -self.scale_log2), ctx)  # a shift
+    return _product("...ghnm,...gmhd->...gnhd", a, v, ctx, self, "av", pair(self.attn_if, self.v_if))
 
   def attend_in_kernel(self, q, k, v, kind, alpha):
     """`ungroup(attend(group(q), ...))` for one part's `(B, H, W, c)` q, k, v in training's quantize
@@ -223,50 +224,52 @@ class SpikingAttention(nnx.Module):
     return sharded_attention_core(q, k, v, lam, jnp.asarray(alpha, jnp.float32), kind, self.stride, self.heads,
                                   self.scale_log2, self.attn_if.T, self.attn_if.K, self.kernel == "interpret")
 
-  def __call__(self, x, *, mode="quantize", alpha=1.0, collect=False, spikes_in=None):
-    """`x`: the block's real input. `spikes_in`: its ExpG-IF spikes if already emitted."""
-    kw = dict(mode=mode, alpha=alpha, collect=collect)
-    s = spikes_in if spikes_in is not None else self.q.neuron(x, **kw)
-    syn = dict(mode=mode, collect=collect, unit=grid_unit(self.q.neuron, mode, alpha, x.dtype))
-    q = self.q_if(self.q.conv(s, **syn), **kw)
-    k = self.k_if(self.k(s, **syn), **kw)
-    v = self.v_if(self.v(s, **syn), **kw)
-    H, W = x.shape[-3:-1]
-    in_kernel = (self.kernel != "xla" and mode == "quantize" and not collect
-                 and grid_unit(self.attn_if, mode, alpha, x.dtype) is None)   # training, not evaluation
+  def __call__(self, s, ctx: Forward, *, unit=None):
+    """`s`: the block's input spikes (a SpikeTrain in spike mode); `unit`: their grid unit when
+    they lie on it (`Forward.unit`)."""
+    q = self.q_if(self.q(s, ctx, unit=unit), ctx)
+    k = self.k_if(self.k(s, ctx, unit=unit), ctx)
+    v = self.v_if(self.v(s, ctx, unit=unit), ctx)
+    H, W = (q.spikes if isinstance(q, SpikeTrain) else q).shape[-3:-1]
+    # Training's blend (quantize mode, off the grid, no statistics) may take the Pallas kernel;
+    # evaluation and spike mode keep the XLA path, whose equalities the tests hold bit for bit.
+    in_kernel = self.kernel != "xla" and ctx.mode == "quantize" and not ctx.collect and not ctx.on_grid
     outs, start = [], 0
     for kind, c in self.parts:   # at most two parts: the global and the local channels
       sl = lambda t, a=start, b=start + c: t[..., a:b]
       if in_kernel:
-        outs.append(self.attend_in_kernel(sl(q), sl(k), sl(v), kind, alpha))
+        outs.append(self.attend_in_kernel(sl(q), sl(k), sl(v), kind, ctx.alpha))
       else:
         group, ungroup = grouping(kind, self.stride, self.heads, H, W)
         g = [_tokens(t, lambda u: group(sl(u))) for t in (q, k, v)]
-        outs.append(ungroup(self.attend(*g, **kw)))
+        outs.append(ungroup(self.attend(*g, ctx)))
       start += c
     o = jnp.concatenate(outs, axis=-1) if len(outs) > 1 else outs[0]
-    return self.proj(self.out_if(o, **kw), mode=mode, collect=collect, unit=grid_unit(self.out_if, mode, alpha, o.dtype))
+    return self.proj(self.out_if(o, ctx), ctx, unit=ctx.unit(self.out_if, o.dtype))
 
 
 class AttentionBlock(nnx.Module):
   """`Y = X + Proj(attention(IF(X))) + ConvBranch(IF(X))` (SPEC §2, Eq. 8).
 
-  conv_branch: 'dw' (depthwise 3x3, default), 'full' (dense 3x3) or 'none' (plain SSA).
+  The block owns its input neuron `IF`: one spike train feeds the attention's Q, K, V and the
+  conv branch. conv_branch: 'dw' (depthwise 3x3, default), 'full' (dense 3x3) or 'none' (plain SSA).
   """
 
   def __init__(self, dim, heads, stride=None, global_frac=0.5, scale_log2=None, conv_branch="dw", *,
                neuron: dict, compute: Compute = Compute(), rngs: nnx.Rngs):
     if conv_branch not in ("dw", "full", "none"):
       raise ValueError(f"Unknown conv_branch {conv_branch!r}: use 'dw', 'full' or 'none'.")
+    self.neuron = make_neuron(**neuron)
     self.attn = SpikingAttention(dim, heads, stride, global_frac, scale_log2, neuron=neuron, compute=compute,
                                  rngs=rngs)
     groups = dim if conv_branch == "dw" else 1
     self.conv = None if conv_branch == "none" else SynapticConv(dim, dim, 3, groups=groups, compute=compute,
                                                                 rngs=rngs)
 
-  def __call__(self, x, *, mode="quantize", alpha=1.0, collect=False):
-    s = self.attn.q.neuron(x, mode=mode, alpha=alpha, collect=collect)
-    y = x + self.attn(x, mode=mode, alpha=alpha, collect=collect, spikes_in=s)
+  def __call__(self, x, ctx: Forward):
+    s = self.neuron(x, ctx)
+    unit = ctx.unit(self.neuron, x.dtype)
+    y = x + self.attn(s, ctx, unit=unit)
     if self.conv is not None:
-      y = y + self.conv(s, mode=mode, collect=collect, unit=grid_unit(self.attn.q.neuron, mode, alpha, x.dtype))
+      y = y + self.conv(s, ctx, unit=unit)
     return y

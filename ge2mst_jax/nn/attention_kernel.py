@@ -23,7 +23,7 @@ a time, with no padding. Those products run on the vector unit, not the MXU: a 4
 products are too small for it either way, and the kernel is bound by what it reads, not by them.
 
 `interpret=True` runs the same kernel through Pallas's interpreter on any backend: the tests check
-it against the XLA path on CPU. The kernel is used only where `ArchConfig.attention_kernel` says
+it against the XLA path on CPU. The kernel is used only where `Numerics.attention_kernel` says
 so (`'auto'`: on TPU); evaluation (static alpha, exact grids) and spike mode always take the XLA
 path, whose bit-for-bit equalities the tests hold.
 """

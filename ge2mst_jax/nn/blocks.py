@@ -9,9 +9,10 @@ Every synaptic layer runs in two modes with one set of weights:
 - `stbp`: the baseline paradigm (`stbp.py`): `(T, B, ...)` LIF spikes, time folded into the
   batch, `BN(conv(s_t))` for every step, as multi-step STBP layers compute it.
 
-With `collect=True` the layer sows into `SpikeStats` its exact synaptic-operation count
-(spike mode; a total over the batch) and its dense MAC count per image (both modes);
-`energy.py` aggregates them.
+Every module takes the pass's `Forward` context (`spiking/forward.py`: mode, alpha, whether to
+collect statistics, whether neuron outputs lie on their grids), built once by the network. With
+`ctx.collect` the layer sows into `SpikeStats` its exact synaptic-operation count (spike mode; a
+total over the batch) and its dense MAC count per image (both modes); `energy.py` aggregates them.
 """
 from __future__ import annotations
 
@@ -24,11 +25,10 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from ge2mst_jax.spiking.forward import Forward
 from ge2mst_jax.spiking.neurons import ExpGIF, SpikeTrain, grid_codes, weighted_step_sum
 from ge2mst_jax.spiking.spike_stats import SpikeStats
-from ge2mst_jax.spiking.stbp import LIF
-
-PARADIGMS = ("expg", "stbp")
+from ge2mst_jax.spiking.stbp import LIF, PARADIGMS
 
 
 def make_neuron(paradigm: str = "expg", lif: dict | None = None, **expg):
@@ -50,11 +50,6 @@ def name_layers(network: nnx.Module, kinds: tuple) -> None:
       module.scope = ".".join(map(str, path))
 
 
-def grid_unit(neuron, mode: str, alpha, dtype):
-  """`ExpGIF.grid_unit` of the neuron feeding a synaptic layer; None for other neurons (LIF)."""
-  return neuron.grid_unit(mode, alpha, dtype) if isinstance(neuron, ExpGIF) else None
-
-
 DEPTHWISE = ("shifts", "conv")
 ATTENTION_KERNELS = ("xla", "pallas", "interpret")
 KERNEL_GRADS = ("conv", "taps")
@@ -65,9 +60,8 @@ def remat_policy(prim, *_, **params) -> bool:
   """What a rematerialised block keeps for its backward pass: each synaptic layer's sum (in the
   activation dtype) and the reductions (BatchNorm's statistics: a few numbers per channel).
   BatchNorm, the neurons and the quantized activations the next layer reads are recomputed from
-  them in the backward pass. Measured with the TPU compiler (v5e, ge2mst_small stage 2): about
-  half the temporaries, ~10 % more HBM traffic (the recompute reads the sums again), so it is for
-  a network that does not fit otherwise."""
+  them in the backward pass: fewer temporaries for more HBM traffic (the recompute reads the sums
+  again) and a little more compute, so it is for a network that does not fit otherwise."""
   if prim.name == "name":
     return params["name"] == SYNAPTIC_OUT
   return prim.name.startswith("reduce_")
@@ -75,7 +69,8 @@ def remat_policy(prim, *_, **params) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class Compute:
-  """How a synaptic layer computes, the same in every mode.
+  """How a synaptic layer computes, the same in every mode: `Numerics.compute()`, with its choices
+  checked and resolved (the defaults here serve single layers built in tests).
 
   dtype: the convolution's operands (kernel and input). Products accumulate in at least float32.
   activations: the dtype a layer hands on (its output after BatchNorm, the residual stream,
@@ -86,7 +81,7 @@ class Compute:
     times slower) or 'conv' (a grouped convolution, what TPUs and GPUs run best).
   kernel_grad: how a dense k x k convolution's kernel gradient is computed: 'conv' (XLA's
     convolution over the output's whole window, what TPUs and GPUs run best) or 'taps' (one
-    matmul per kernel tap, `conv_kernel_grad`: 1.6-3x faster on XLA:CPU).
+    matmul per kernel tap, `conv_kernel_grad`: what XLA:CPU runs at its matmul rate).
   attention: GW-SSA's training-time core (scores, attention neuron, values): 'xla' (einsums) or
     'pallas' (`attention_kernel`: the score maps stay on chip; TPU), 'interpret' (that kernel
     through Pallas's interpreter, any backend: for tests).
@@ -97,14 +92,6 @@ class Compute:
   kernel_grad: str = "conv"
   attention: str = "xla"
 
-  def __post_init__(self):
-    if self.attention not in ATTENTION_KERNELS:
-      raise ValueError(f"Unknown attention kernel {self.attention!r}: use one of {ATTENTION_KERNELS}.")
-    if self.depthwise not in DEPTHWISE:
-      raise ValueError(f"Unknown depthwise form {self.depthwise!r}: use one of {DEPTHWISE}.")
-    if self.kernel_grad not in KERNEL_GRADS:
-      raise ValueError(f"Unknown kernel gradient form {self.kernel_grad!r}: use one of {KERNEL_GRADS}.")
-
   @property
   def acc_dtype(self):
     return jnp.promote_types(self.dtype, jnp.float32)
@@ -114,14 +101,63 @@ class Compute:
     return jnp.dtype(self.dtype if self.activations is None else self.activations)
 
 
+DTYPES = ("float32", "bfloat16", "float64")
+REMATS = ("none", "block")
+
+
+@dataclasses.dataclass(frozen=True)
+class Numerics:
+  """How a network computes: dtypes, kernel backends and training memory. Every choice is checked
+  here, once; `compute()` resolves 'same' and 'auto' into the layers' `Compute`."""
+  dtype: str = "float32"                      # synaptic compute: 'float32' | 'bfloat16' | 'float64' (checks; x64)
+  # The dtype layers hand on (residual stream, BatchNorm and neuron outputs): 'same' (= dtype) or one of the
+  # above; 'float32' with dtype 'bfloat16' keeps float32 activations beside bf16 synapses.
+  activation_dtype: str = "same"
+  # Depthwise convolutions: 'shifts' (shifted multiply-adds, fastest on CPU) | 'conv' (a grouped conv, for
+  # TPU/GPU) | 'auto' ('shifts' where JAX's default backend is the CPU, else 'conv'; decided at build time).
+  depthwise: str = "auto"
+  # Dense convolutions' kernel gradients: 'conv' (XLA's convolution; for TPU/GPU) | 'taps' (one matmul per kernel
+  # tap, faster on XLA:CPU; the same gradients up to float rounding) | 'auto' ('taps' on the CPU, else 'conv').
+  conv_kernel_grad: str = "auto"
+  # GW-SSA's training-time core (Q K^T, the attention neuron, A V; forward and backward): 'xla' (einsums,
+  # the score maps written out between fusions) | 'pallas' (one Pallas TPU kernel each way, the score maps
+  # kept on chip; TPU only) | 'interpret' (that kernel interpreted, any backend: slow, for tests) | 'auto'
+  # ('pallas' where JAX's default backend is a TPU, else 'xla'). Evaluation and spike mode always use 'xla'.
+  attention_kernel: str = "auto"
+  # Training memory: 'none' (autodiff keeps what it keeps) | 'block' (each block rematerialised, keeping only
+  # its synaptic sums and BatchNorm statistics: less memory for somewhat more HBM traffic and compute; for
+  # a network that does not fit otherwise).
+  remat: str = "none"
+
+  def __post_init__(self):
+    for name, choices in (("dtype", DTYPES), ("activation_dtype", ("same",) + DTYPES), ("remat", REMATS),
+                          ("depthwise", ("auto",) + DEPTHWISE), ("conv_kernel_grad", ("auto",) + KERNEL_GRADS),
+                          ("attention_kernel", ("auto",) + ATTENTION_KERNELS)):
+      if getattr(self, name) not in choices:
+        raise ValueError(f"{name}={getattr(self, name)!r}: use one of {choices}.")
+    if "float64" in (self.dtype, self.activation_dtype) and not jax.config.jax_enable_x64:
+      raise ValueError("dtype='float64' needs 64-bit JAX: set JAX_ENABLE_X64=1 or run inside "
+                       "`with jax.enable_x64(True):`.")
+
+  def compute(self) -> "Compute":
+    """The layers' `Compute`: 'same' and 'auto' resolved for JAX's default backend."""
+    backend = jax.default_backend()
+    cpu = backend == "cpu"
+    depthwise = ("shifts" if cpu else "conv") if self.depthwise == "auto" else self.depthwise
+    kernel_grad = ("taps" if cpu else "conv") if self.conv_kernel_grad == "auto" else self.conv_kernel_grad
+    attention = ("pallas" if backend == "tpu" else "xla") if self.attention_kernel == "auto" else self.attention_kernel
+    act = self.dtype if self.activation_dtype == "same" else self.activation_dtype
+    return Compute(jnp.dtype(self.dtype), jnp.dtype(act), depthwise, kernel_grad, attention)
+
+
 class BatchNorm(nnx.BatchNorm):
   """`nnx.BatchNorm` (the same variables, modes and arithmetic, op for op) that replaces its
   running statistics whole in training instead of through flax's `[...] =`.
 
   Why: that assignment asks the traced value for its `.sharding`, and the AttributeError JAX
   raises for a tracer first walks the whole program traced so far to say where the value came
-  from. Twice per layer and step, and the walk grows with the program: tracing ge2mst_small's
-  train step took 14.2-17.9 s with flax's assignment, 8.6-10.7 s with this (2026-12-01, CPU).
+  from. Twice per layer and step, and the walk grows with the program, so it dominates tracing
+  a large train step.
   It covers what the layers here use (features on the last axis, scale and bias, no `axis_name`:
   under jit the SPMD partitioner makes the statistics global); anything else is flax's own call.
   """
@@ -164,7 +200,7 @@ def conv2d(x, kernel, stride: int, groups: int, acc_dtype=None, depthwise: str =
   k = kernel.shape[0]
   if k == 1 and groups == 1:
     # A 1x1 convolution is a matmul over channels. As a dot its gradients are dots too; XLA's
-    # CPU convolution runs it 4-6x slower and its weight gradient as a conv with an HxW window.
+    # CPU convolution runs it several times slower and its weight gradient as a conv with an HxW window.
     return jnp.einsum("...c,cd->...d", x[..., ::stride, ::stride, :], kernel[0, 0], preferred_element_type=acc_dtype)
   if depthwise == "shifts" and groups > 1 and groups == x.shape[-1] == kernel.shape[-1] and kernel.shape[2] == 1:
     return depthwise_conv2d(x, kernel, stride, acc_dtype)
@@ -187,8 +223,7 @@ def conv_kernel_grad(x, g, k: int, stride: int = 1):
   batch and pixels: `k*k` matmuls `[C_out, N] @ [N, C_in]`, N = batch x output pixels.
 
   XLA's own form is a convolution whose window is the whole output map, which XLA:CPU runs at
-  a fraction of its matmul rate (ge2mst_small's Stage 1 at batch 8: 17-39 GFLOP/s against
-  48-87 for the taps, 2026-12-02). Products accumulate in at least float32; returns
+  a fraction of its matmul rate. Products accumulate in at least float32; returns
   `[k, k, C_in, C_out]` in that dtype.
   """
   acc = jnp.promote_types(jnp.result_type(x, g), jnp.float32)
@@ -248,9 +283,8 @@ def _shifted_sum(x, kernel, stride):
 
 @jax.custom_vjp
 def _depthwise_same(x, kernel):
-  """Stride 1. Autodiff of the shifted sum made XLA:CPU write each of the k*k shifted copies of
-  `x` out for the kernel gradient; this backward pass reads `x` in place (ge2mst_small's CPU
-  train step 6-7 % faster, 2026-12-02)."""
+  """Stride 1. Autodiff of the shifted sum makes XLA:CPU write each of the k*k shifted copies of
+  `x` out for the kernel gradient; this backward pass reads `x` in place."""
   return _shifted_sum(x, kernel, 1)
 
 
@@ -282,9 +316,9 @@ def fold_steps(x: jax.Array) -> jax.Array:
   """`(T, B, ...)` -> `(B * T, ...)`, batch-major, so that one layer call serves every step.
 
   Batch-major keeps each device's images contiguous: with the batch sharded over devices, the
-  step-major `(T * B)` merge cannot be sharded like its input, and XLA's partitioner gathered
-  the whole batch onto every device (each then computed all of it: spike-mode evaluation on 8
-  devices ran 7x slower than on one). On one device it costs nothing measurable (475 vs 463 ms).
+  step-major `(T * B)` merge cannot be sharded like its input, and XLA's partitioner gathers
+  the whole batch onto every device (each then computes all of it). On one device the two
+  orders cost the same.
   """
   return jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:])
 
@@ -327,20 +361,20 @@ class SynapticConv(nnx.Module):
     k, _, cin_g, _ = self.kernel.shape
     return float(out_shape[-3] * out_shape[-2] * out_shape[-1] * k * k * cin_g)
 
-  def __call__(self, x, *, mode: str = "quantize", collect: bool = False, unit=None):
+  def __call__(self, x, ctx: Forward, *, unit=None):
     """`unit`: in quantize mode, the grid unit of a neuron output `x` lying on its grid
-    (`ExpGIF.grid_unit`): the layer then runs on the integer codes and scales once, the
+    (`Forward.unit`): the layer then runs on the integer codes and scales once, the
     arithmetic of spike mode, so that both modes agree in bf16 too."""
     with jax.named_scope(self.scope):
-      return self._forward(x, mode, collect, unit)
+      return self._forward(x, ctx, unit)
 
-  def _forward(self, x, mode, collect, unit):
-    if mode == "stbp":
-      y = unfold_steps(self(fold_steps(x), mode="quantize", collect=collect), x.shape[0])
-      if collect:
+  def _forward(self, x, ctx, unit):
+    if ctx.mode == "stbp":   # time folded into the batch: BN(conv(s_t)) for every step at once
+      y = unfold_steps(self._dense(fold_steps(x), None, ctx.collect), x.shape[0])
+      if ctx.collect:
         self.sow(SpikeStats, "sops", spike_sops_conv(x, self.kernel.shape, self.stride, self.groups))
       return y
-    if mode == "spike":
+    if ctx.mode == "spike":
       if not isinstance(x, SpikeTrain):
         raise TypeError("SynapticConv in spike mode consumes a SpikeTrain (the output of an ExpG-IF layer).")
       # 'code': the layer is linear, W (sum_t theta_t s_t) = sum_t theta_t (W s_t): one step, the code.
@@ -348,26 +382,33 @@ class SynapticConv(nnx.Module):
       s = fold_steps(steps).astype(self.dtype)
       y = conv2d(s, self.kernel[...].astype(self.dtype), self.stride, self.groups, self.acc_dtype, self.depthwise)
       y = integrate_steps(unfold_steps(y, steps.shape[0]), x.scale)
-      if collect:
+      if ctx.collect:
         self.sow(SpikeStats, "sops", spike_sops_conv(x.spikes, self.kernel.shape, self.stride, self.groups))
-    elif isinstance(x, SpikeTrain):
+      return self._finish(y, True, ctx.collect)
+    if isinstance(x, SpikeTrain):
       raise TypeError("SynapticConv got a SpikeTrain in quantize mode: call every layer with the same mode.")
-    else:
-      xs = x if unit is None else grid_codes(x, unit)
-      y = conv2d(xs.astype(self.dtype), self.kernel[...].astype(self.dtype), self.stride, self.groups, self.acc_dtype,
-                 self.depthwise, self.kernel_grad)
-      if unit is not None:
-        y = y * unit.astype(self.acc_dtype)
+    return self._dense(x, unit, ctx.collect)
+
+  def _dense(self, x, unit, collect):
+    """The layer on real activations (quantize mode; each step of stbp): conv, bias, BatchNorm."""
+    xs = x if unit is None else grid_codes(x, unit)
+    y = conv2d(xs.astype(self.dtype), self.kernel[...].astype(self.dtype), self.stride, self.groups, self.acc_dtype,
+               self.depthwise, self.kernel_grad)
+    if unit is not None:
+      y = y * unit.astype(self.acc_dtype)
+    return self._finish(y, False, collect)
+
+  def _finish(self, y, running: bool, collect):
     # Bias and BatchNorm after the accumulation, the same arithmetic in both modes (spike mode on
     # the running statistics: inference; on a chip they fold into the next neuron's threshold).
-    # Folded into a bf16 kernel instead, they round other weights than quantize mode's: one of
-    # the reasons bf16 predictions agreed 72-96 % of the time instead of all. The sum is rounded
-    # to the activation dtype once, in both modes, before BatchNorm (which computes in float32).
+    # Folded into a bf16 kernel instead, they would round other weights than quantize mode's and
+    # bf16 predictions would disagree between the modes. The sum is rounded to the activation
+    # dtype once, in both modes, before BatchNorm (which computes in float32).
     y = checkpoint_name(y.astype(self.out_dtype), SYNAPTIC_OUT)
     if self.bias is not None:
       y = y + self.bias[...]
     if self.bn is not None:
-      y = self.bn(y, use_running_average=True) if mode == "spike" else self.bn(y)
+      y = self.bn(y, use_running_average=True) if running else self.bn(y)
     y = y.astype(self.out_dtype)
     if collect:
       self.sow(SpikeStats, "macs", jnp.asarray(self._macs(y.shape), jnp.float32))
@@ -382,9 +423,9 @@ class SConv(nnx.Module):
     self.neuron = make_neuron(**neuron)
     self.conv = SynapticConv(cin, cout, kernel, stride, groups, compute=compute, rngs=rngs)
 
-  def __call__(self, x, *, mode="quantize", alpha=1.0, collect=False):
-    return self.conv(self.neuron(x, mode=mode, alpha=alpha, collect=collect), mode=mode, collect=collect,
-                     unit=grid_unit(self.neuron, mode, alpha, x.dtype))
+  def __call__(self, x, ctx: Forward):
+    s = self.neuron(x, ctx)
+    return self.conv(s, ctx, unit=ctx.unit(self.neuron, x.dtype))
 
 
 class SFFN(nnx.Module):
@@ -400,12 +441,11 @@ class SFFN(nnx.Module):
     self.dw = SConv(hidden, hidden, 3, groups=hidden, neuron=neuron, compute=compute, rngs=rngs) if depthwise else None
     self.fc2 = SConv(hidden, dim, 1, neuron=neuron, compute=compute, rngs=rngs)
 
-  def __call__(self, x, *, mode="quantize", alpha=1.0, collect=False):
-    kw = dict(mode=mode, alpha=alpha, collect=collect)
-    h = self.fc1(x, **kw)
+  def __call__(self, x, ctx: Forward):
+    h = self.fc1(x, ctx)
     if self.dw is not None:
-      h = self.dw(h, **kw)
-    return x + self.fc2(h, **kw)
+      h = self.dw(h, ctx)
+    return x + self.fc2(h, ctx)
 
 
 class Stem(nnx.Module):
@@ -417,9 +457,9 @@ class Stem(nnx.Module):
   def __init__(self, cin: int, cout: int, kernel: int, stride: int, *, compute: Compute = Compute(), rngs: nnx.Rngs):
     self.conv = SynapticConv(cin, cout, kernel, stride, compute=compute, rngs=rngs)
 
-  def __call__(self, x, *, mode="quantize", collect=False):
-    del mode  # the stem is not a spiking layer
-    return self.conv(x, mode="quantize", collect=collect)
+  def __call__(self, x, ctx: Forward = Forward.of()):
+    # Not a spiking layer: quantize mode's arithmetic whatever the pass's mode.
+    return self.conv(x, Forward.of(collect=ctx.collect))
 
 
 class EventFrameAdapter(nnx.Module):
@@ -434,9 +474,9 @@ class EventFrameAdapter(nnx.Module):
     self.frames, self.polarities = frames, polarities
     self.conv = SynapticConv(frames * polarities, out_channels, 3, compute=compute, rngs=rngs)
 
-  def __call__(self, events, *, collect=False):
+  def __call__(self, events, ctx: Forward = Forward.of()):
     if events.ndim != 5 or events.shape[1] != self.frames or events.shape[-1] != self.polarities:
       raise ValueError(f"Event input must be [B, {self.frames}, H, W, {self.polarities}], got {tuple(events.shape)}.")
     B, T_in, H, W, P = events.shape
     x = jnp.transpose(events, (0, 2, 3, 1, 4)).reshape(B, H, W, T_in * P)
-    return self.conv(x, mode="quantize", collect=collect)
+    return self.conv(x, Forward.of(collect=ctx.collect))   # real-valued, like the stem

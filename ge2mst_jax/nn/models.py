@@ -16,21 +16,19 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import nnx, traverse_util
 
 from ge2mst_jax.nn.attention import AttentionBlock, SpikingAttention, check_divisible
-from ge2mst_jax.nn.blocks import (ATTENTION_KERNELS, DEPTHWISE, KERNEL_GRADS, PARADIGMS, SFFN, Compute, EventFrameAdapter,
-                               SConv, Stem, SynapticConv, make_neuron, name_layers, remat_policy)
-from ge2mst_jax.spiking.neurons import INTEGRATIONS, METHODS, check_tk
-from ge2mst_jax.spiking.stbp import RESETS, SURROGATES
-
-MODES = ("quantize", "spike", "stbp")
-REMATS = ("none", "block")
+from ge2mst_jax.nn.blocks import (SFFN, Compute, EventFrameAdapter, Numerics, SConv, Stem, SynapticConv, make_neuron,
+                               name_layers, remat_policy)
+from ge2mst_jax.spiking.forward import Forward
+from ge2mst_jax.spiking.neurons import Neuron
+from ge2mst_jax.spiking.stbp import Baseline
 
 
 @dataclasses.dataclass(frozen=True)
-class ArchConfig:
-  """Everything that shapes a Ge2mS-T network. Fields marked (reading) follow SPEC's reconstruction."""
+class Shape:
+  """The network's shape. Fields marked (reading) follow SPEC's reconstruction."""
   stem_width: int = 32
   widths: tuple = (48, 96, 192, 384)          # stages 1..4 (reading: 3:4:5 base widths)
   depths: tuple = (1, 3, 4, 1)                # blocks per stage (stage 1: SFFN blocks)
@@ -47,84 +45,20 @@ class ArchConfig:
   image_size: int = 224
   in_channels: int = 3
   event_frames: int = 0                       # > 0: event input [B, frames, H, W, 2] through the adapter
-  T: int = 4
-  K: int = 2
-  lam_init: float = 1.0
-  # Level search, one result: 'search' (binary) | 'compare' (a chain over the |L|-1 thresholds; fastest
-  # on CPU up to T=8) | 'arith' (bit arithmetic, cost flat in T; faster on CPU from T of about 10, K=2).
-  quantizer: str = "compare"
-  emitter: str = "bits"                       # spike emission: 'bits' (vectorised) | 'scan' (IF loop; same spikes)
-  # Spike-mode synapses: 'steps' (each layer on every binary step, then integrated, as a chip does) |
-  # 'code' (each layer once on the decoded train: the same linear sum regrouped, ~T x less work).
-  spike_integration: str = "steps"
-  dtype: str = "float32"                      # synaptic compute: 'float32' | 'bfloat16' | 'float64' (checks; x64)
-  # The dtype layers hand on (residual stream, BatchNorm and neuron outputs): 'same' (= dtype) or one of the
-  # above; 'float32' with dtype 'bfloat16' keeps float32 activations beside bf16 synapses.
-  activation_dtype: str = "same"
-  # Depthwise convolutions: 'shifts' (shifted multiply-adds, fastest on CPU) | 'conv' (a grouped conv, for
-  # TPU/GPU) | 'auto' ('shifts' where JAX's default backend is the CPU, else 'conv'; decided at build time).
-  depthwise: str = "auto"
-  # Dense convolutions' kernel gradients: 'conv' (XLA's convolution; for TPU/GPU) | 'taps' (one matmul per kernel
-  # tap, 1.6-3x faster on XLA:CPU; the same gradients up to float rounding) | 'auto' ('taps' on the CPU, else 'conv').
-  conv_kernel_grad: str = "auto"
-  # GW-SSA's training-time core (Q K^T, the attention neuron, A V; forward and backward): 'xla' (einsums,
-  # the score maps written out between fusions) | 'pallas' (one Pallas TPU kernel each way, the score maps
-  # kept on chip; TPU only) | 'interpret' (that kernel interpreted, any backend: slow, for tests) | 'auto'
-  # ('pallas' where JAX's default backend is a TPU, else 'xla'). Evaluation and spike mode always use 'xla'.
-  attention_kernel: str = "auto"
-  # Training memory: 'none' (autodiff keeps what it keeps) | 'block' (each block rematerialised, keeping only
-  # its synaptic sums and BatchNorm statistics: about half the memory, ~10 % more HBM traffic and a little
-  # more compute; for a network that does not fit otherwise, e.g. ge2mst_large at 256 images per v5e chip).
-  remat: str = "none"
-  # Training paradigm: 'expg' (ExpG-IF quantizers, the paper) | 'stbp' (multi-step LIF + BPTT baseline).
-  paradigm: str = "expg"
-  lif_tau: float = 2.0                        # stbp: membrane time constant
-  lif_threshold: float = 0.5                  # stbp: firing threshold v_th (at 1.0 a fresh net barely fires)
-  lif_reset: str = "soft"                     # stbp: 'soft' (subtract v_th) | 'hard' (to 0)
-  surrogate: str = "sigmoid"                  # stbp: surrogate gradient 'sigmoid' | 'atan'
-  surrogate_alpha: float = 4.0                # stbp: surrogate sharpness
 
-  def validate(self) -> "ArchConfig":
-    check_tk(self.T, self.K)
+  def __post_init__(self):
     for name, n in (("widths", 4), ("depths", 4), ("heads", 3), ("gw_strides", 2)):
       if len(getattr(self, name)) != n:
-        raise ValueError(f"ArchConfig.{name} needs {n} entries, got {getattr(self, name)!r}.")
-    if self.paradigm not in PARADIGMS:
-      raise ValueError(f"ArchConfig.paradigm={self.paradigm!r}: use one of {PARADIGMS}.")
-    if self.paradigm == "stbp" and (self.lif_reset not in RESETS or self.surrogate not in SURROGATES):
-      raise ValueError(f"STBP options lif_reset={self.lif_reset!r}, surrogate={self.surrogate!r}: use one of "
-                       f"{RESETS} and one of {SURROGATES}.")
-    if self.quantizer not in METHODS:
-      raise ValueError(f"ArchConfig.quantizer={self.quantizer!r}: use one of {METHODS}.")
-    if self.spike_integration not in INTEGRATIONS:
-      raise ValueError(f"ArchConfig.spike_integration={self.spike_integration!r}: use one of {INTEGRATIONS}.")
-    if self.dtype not in ("float32", "bfloat16", "float64"):
-      raise ValueError(f"ArchConfig.dtype={self.dtype!r}: use 'float32', 'bfloat16' or 'float64'.")
-    if self.activation_dtype not in ("same", "float32", "bfloat16", "float64"):
-      raise ValueError(f"ArchConfig.activation_dtype={self.activation_dtype!r}: use 'same', 'float32', 'bfloat16' "
-                       f"or 'float64'.")
-    if self.remat not in REMATS:
-      raise ValueError(f"ArchConfig.remat={self.remat!r}: use one of {REMATS}.")
-    if self.depthwise not in ("auto",) + DEPTHWISE:
-      raise ValueError(f"ArchConfig.depthwise={self.depthwise!r}: use 'auto' or one of {DEPTHWISE}.")
-    if self.attention_kernel not in ("auto",) + ATTENTION_KERNELS:
-      raise ValueError(f"ArchConfig.attention_kernel={self.attention_kernel!r}: use 'auto' or one of "
-                       f"{ATTENTION_KERNELS}.")
-    if self.conv_kernel_grad not in ("auto",) + KERNEL_GRADS:
-      raise ValueError(f"ArchConfig.conv_kernel_grad={self.conv_kernel_grad!r}: use 'auto' or one of {KERNEL_GRADS}.")
-    if "float64" in (self.dtype, self.activation_dtype) and not jax.config.jax_enable_x64:
-      raise ValueError("ArchConfig.dtype='float64' needs 64-bit JAX: set JAX_ENABLE_X64=1 or run inside "
-                       "`with jax.enable_x64(True):`.")
+        raise ValueError(f"{name} needs {n} entries, got {getattr(self, name)!r}.")
     for size, s, stage in zip(self.stage_sizes()[1:3], self.gw_strides, (2, 3)):
       try:
         check_divisible(size, size, s)
       except ValueError as e:
         raise ValueError(f"Stage {stage} ({size}x{size} tokens at image_size={self.image_size}): {e}") from None
-    return self
 
-  def stage_sizes(self) -> tuple:
-    """Token-map side of stages 1..4 for a square `image_size` input."""
-    size = -(-self.image_size // self.stem_stride)
+  def stage_sizes(self, image_size: int | None = None) -> tuple:
+    """Token-map side of stages 1..4 for a square input of `image_size` (default: the network's)."""
+    size = -(-(image_size or self.image_size) // self.stem_stride)
     size = -(-size // self.stage1_stride)
     out = [size]
     for _ in range(3):
@@ -132,23 +66,67 @@ class ArchConfig:
       out.append(size)
     return tuple(out)
 
+
+# The groups of an ArchConfig. Field names are unique across them: one flat name -> group map
+# serves config files (`config.model.arch.<field>`), `create_model(**overrides)` and flat reads.
+GROUPS = {"shape": Shape, "neuron": Neuron, "numerics": Numerics, "baseline": Baseline}
+FIELDS = {f.name: group for group, cls in GROUPS.items() for f in dataclasses.fields(cls)}
+
+
+@dataclasses.dataclass(frozen=True)
+class ArchConfig:
+  """Everything that shapes a Ge2mS-T network, as four small configs that each check themselves
+  when built: the network's `shape`, its ExpG-IF `neuron`s, the `numerics` (dtypes, kernel
+  backends, remat) and the training paradigm with the LIF `baseline`.
+
+  Flat everywhere users see it: `ArchConfig.from_flat(T=8, dtype='bfloat16')`, `cfg.flat()` (what
+  config files hold), `cfg.replace(image_size=64)`, and reads such as `cfg.T` (= `cfg.neuron.T`).
+  """
+  shape: Shape = dataclasses.field(default_factory=Shape)
+  neuron: Neuron = dataclasses.field(default_factory=Neuron)
+  numerics: Numerics = dataclasses.field(default_factory=Numerics)
+  baseline: Baseline = dataclasses.field(default_factory=Baseline)
+
+  @classmethod
+  def from_flat(cls, **fields) -> "ArchConfig":
+    unknown = sorted(set(fields) - set(FIELDS))
+    if unknown:
+      raise ValueError(f"Unknown model option(s) {unknown}: valid options are {sorted(FIELDS)}.")
+    fields = {k: tuple(v) if isinstance(v, (list, Sequence)) and not isinstance(v, str) else v
+              for k, v in fields.items()}
+    return cls(**{group: kind(**{k: v for k, v in fields.items() if FIELDS[k] == group})
+                  for group, kind in GROUPS.items()})
+
+  def flat(self) -> dict:
+    """`{field: value}` over every group: what `config.model.arch` holds."""
+    return {name: getattr(getattr(self, group), name) for name, group in FIELDS.items()}
+
+  def replace(self, **fields) -> "ArchConfig":
+    return ArchConfig.from_flat(**{**self.flat(), **fields})
+
+  def __getattr__(self, name):
+    # Only called when normal lookup fails: a flat field name reads from its group.
+    group = FIELDS.get(name)
+    if group is None:
+      raise AttributeError(f"'ArchConfig' object has no attribute {name!r}")
+    return getattr(object.__getattribute__(self, group), name)
+
+  def stage_sizes(self) -> tuple:
+    return self.shape.stage_sizes()
+
   @property
-  def neuron(self) -> dict:
-    lif = dict(tau=self.lif_tau, threshold=self.lif_threshold, reset=self.lif_reset, surrogate=self.surrogate,
-               surrogate_alpha=self.surrogate_alpha)
-    return dict(T=self.T, K=self.K, lam_init=self.lam_init, method=self.quantizer, emitter=self.emitter,
-                integration=self.spike_integration, paradigm=self.paradigm, lif=lif)
+  def neuron_args(self) -> dict:
+    """The `blocks.make_neuron` arguments of the network's neurons."""
+    nr, b = self.neuron, self.baseline
+    lif = dict(tau=b.lif_tau, threshold=b.lif_threshold, reset=b.lif_reset, surrogate=b.surrogate,
+               surrogate_alpha=b.surrogate_alpha)
+    return dict(T=nr.T, K=nr.K, lam_init=nr.lam_init, method=nr.quantizer, emitter=nr.emitter,
+                integration=nr.spike_integration, paradigm=b.paradigm, lif=lif)
 
   @property
   def compute(self) -> Compute:
     """How the synaptic layers compute (blocks.Compute), with 'same' and 'auto' resolved."""
-    backend = jax.default_backend()
-    cpu = backend == "cpu"
-    depthwise = ("shifts" if cpu else "conv") if self.depthwise == "auto" else self.depthwise
-    kernel_grad = ("taps" if cpu else "conv") if self.conv_kernel_grad == "auto" else self.conv_kernel_grad
-    attention = ("pallas" if backend == "tpu" else "xla") if self.attention_kernel == "auto" else self.attention_kernel
-    act = self.dtype if self.activation_dtype == "same" else self.activation_dtype
-    return Compute(jnp.dtype(self.dtype), jnp.dtype(act), depthwise, kernel_grad, attention)
+    return self.numerics.compute()
 
   @property
   def train_mode(self) -> str:
@@ -187,9 +165,8 @@ class Ge2msT(nnx.Module):
   """The Ge2mS-T network. Call as `model(images, mode='quantize'|'spike', alpha=1.0)`."""
 
   def __init__(self, cfg: ArchConfig, num_classes: int = 1000, *, rngs: nnx.Rngs):
-    cfg = cfg.validate()
     self.cfg, self.num_classes = cfg, num_classes
-    nr, comp = cfg.neuron, cfg.compute
+    nr, comp = cfg.neuron_args, cfg.compute
     c0, (c1, c2, c3, c4) = cfg.stem_width, cfg.widths
     self.adapter = (EventFrameAdapter(cfg.event_frames, out_channels=cfg.in_channels, compute=comp, rngs=rngs)
                     if cfg.event_frames else None)
@@ -236,7 +213,7 @@ class Ge2msT(nnx.Module):
     H, W = images.shape[-3:-1]
     if (H, W) != (cfg.image_size, cfg.image_size):
       # Another square size works as long as the GW-SSA strides still divide the token maps.
-      sizes = dataclasses.replace(cfg, image_size=H).stage_sizes()
+      sizes = cfg.shape.stage_sizes(H)
       if H != W or any(size % s for size, s in zip(sizes[1:3], cfg.gw_strides)):
         raise ValueError(f"Images are {H}x{W} but the model is built for {cfg.image_size}x{cfg.image_size} "
                          f"(GW-SSA strides {cfg.gw_strides}): resize the images or set image_size.")
@@ -246,66 +223,60 @@ class Ge2msT(nnx.Module):
     """BatchNorm on batch statistics: after `model.train()`, and as `create_model` returns it.
 
     `train()` / `eval()` switch every BatchNorm together, so the first one found (the stem's)
-    tells; walking the whole graph cost 12 ms per eager call of ge2mst_small.
+    tells, without walking the whole graph on every call.
     """
     first = next(m for _, m in nnx.iter_graph(self) if isinstance(m, nnx.BatchNorm))
     return not first.use_running_average
 
   def __call__(self, images, *, mode: str = "quantize", alpha=1.0, collect: bool = False):
-    if mode not in MODES:
-      raise ValueError(f"Unknown mode {mode!r}: use 'quantize' (training) or 'spike' (inference).")
+    ctx = Forward.of(mode, alpha, collect)   # the one place the pass's properties are decided
     if (mode == "stbp") != (self.cfg.paradigm == "stbp"):
       raise ValueError(f"A {self.cfg.paradigm!r} network runs in mode(s) {self.cfg.eval_modes}, not {mode!r}.")
     if mode == "spike" and self.training:
       raise ValueError("Spike mode is inference (BatchNorm on its running statistics) but the model is "
                        "in training mode, where quantize mode uses batch statistics: call model.eval() first.")
     self.check_input(images)
-    kw = dict(mode=mode, alpha=alpha, collect=collect)
     x = images.astype(jnp.promote_types(self.cfg.dtype, jnp.float32))
     if self.adapter is not None:
-      x = self.adapter(x, collect=collect)
-    x = self.stem(x, collect=collect)
+      x = self.adapter(x, ctx)
+    x = self.stem(x, ctx)
     if mode == "stbp":  # direct encoding: the stem's output is the input current of every step
       x = jnp.broadcast_to(x, (self.cfg.T, *x.shape))
     for stage in self.stages:
       for block in stage:
-        x = call_block(block, x, remat=self.cfg.remat, **kw)
-    s = self.head_if(x, **kw)
+        x = call_block(block, x, ctx, remat=self.cfg.remat)
+    s = self.head_if(x, ctx)
     if mode == "spike" or (mode == "stbp" and collect):
       # The classifier consumes spikes token by token; pooling is additions. Linear, so training
       # pools first (the same function, fewer operations).
-      logits = jnp.mean(self.classifier(s, mode=mode, collect=collect), axis=(-3, -2))
+      logits = jnp.mean(self.classifier(s, ctx), axis=(-3, -2))
     else:
       pooled = jnp.mean(s.astype(jnp.promote_types(s.dtype, jnp.float32)), axis=(-3, -2), keepdims=True)
-      logits = self.classifier(pooled, mode=mode, collect=collect)[..., 0, 0, :]
+      logits = self.classifier(pooled, ctx)[..., 0, 0, :]
     return jnp.mean(logits, axis=0) if mode == "stbp" else logits
 
 
-def call_block(block, x, *, mode: str, alpha, collect: bool = False, remat: str = "none"):
+def call_block(block, x, ctx: Forward, *, remat: str = "none"):
   """One block as the network runs it: rematerialised under `remat='block'` when training (spike
   mode and the instrumented passes keep nothing for a backward pass)."""
-  if remat == "block" and mode != "spike" and not collect:
-    return _remat_call(block, x, alpha, mode)
-  return block(x, mode=mode, alpha=alpha, collect=collect)
+  if remat == "block" and ctx.mode != "spike" and not ctx.collect:
+    return _remat_call(block, x, ctx)
+  return block(x, ctx)
 
 
-@nnx.remat(static_argnums=(3,), policy=remat_policy)
-def _remat_call(block, x, alpha, mode):
-  return block(x, mode=mode, alpha=alpha)
+@nnx.remat(policy=remat_policy)
+def _remat_call(block, x, ctx):
+  return block(x, ctx)   # ctx is a pytree: alpha is traced, the mode and the grid decision static
 
 
 def arch_config(name: str, **overrides) -> ArchConfig:
-  """The ArchConfig of a family member, with field overrides (unknown fields are an error)."""
+  """The ArchConfig of a family member, with flat field overrides (unknown fields are an error)."""
   if name not in FAMILY:
     raise ValueError(f"Unknown model {name!r}: choose one of {sorted(FAMILY)}.")
-  fields = {f.name for f in dataclasses.fields(ArchConfig)}
-  unknown = sorted(set(overrides) - fields)
+  unknown = sorted(set(overrides) - set(FIELDS))
   if unknown:
-    raise ValueError(f"Unknown model option(s) {unknown} for {name}: valid options are {sorted(fields)}.")
-  merged = {**FAMILY[name], **overrides}
-  merged = {k: tuple(v) if isinstance(v, (list, Sequence)) and not isinstance(v, str) else v
-            for k, v in merged.items()}
-  return ArchConfig(**merged).validate()
+    raise ValueError(f"Unknown model option(s) {unknown} for {name}: valid options are {sorted(FIELDS)}.")
+  return ArchConfig.from_flat(**{**FAMILY[name], **overrides})
 
 
 def create_model(name: str, num_classes: int = 1000, rngs: nnx.Rngs | int = 0, **overrides) -> Ge2msT:
@@ -321,13 +292,29 @@ def create_model(name: str, num_classes: int = 1000, rngs: nnx.Rngs | int = 0, *
 
 def arch_from_config(cfg) -> ArchConfig:
   """The ArchConfig a training config (`cfg.model.arch`, configs/*.py) describes."""
-  arch = {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in cfg.model.arch.items()}
-  return ArchConfig(**arch).validate()
+  return ArchConfig.from_flat(**cfg.model.arch)
 
 
 def model_from_config(cfg, rngs: nnx.Rngs | int | None = None) -> Ge2msT:
   """The network a training config describes, initialised from `rngs` (default: `cfg.seed`)."""
   return Ge2msT(arch_from_config(cfg), cfg.data.num_classes, rngs=_as_rngs(cfg.seed if rngs is None else rngs))
+
+
+def legacy_path(path: tuple) -> tuple:
+  """Where a value saved before attention blocks owned their input neuron lives now: `...attn.q.
+  neuron.*` -> `...neuron.*` (the block's) and `...attn.q.conv.*` -> `...attn.q.*`; any other path,
+  and every path of this network, is returned as it is. Works inside optimizer states too."""
+  for i in range(len(path) - 2):
+    if path[i:i + 2] == ("attn", "q") and path[i + 2] in ("neuron", "conv"):
+      return path[:i] + ("neuron",) + path[i + 3:] if path[i + 2] == "neuron" else path[:i + 2] + path[i + 3:]
+  return path
+
+
+def upgrade_legacy_tree(pure: dict) -> dict:
+  """A nested (pure) state dict with `legacy_path` applied to every leaf's path: what a checkpoint
+  written with the old attention layout needs before it is restored into this network."""
+  flat = traverse_util.flatten_dict(pure)
+  return traverse_util.unflatten_dict({legacy_path(k): v for k, v in flat.items()})
 
 
 def _as_rngs(rngs: nnx.Rngs | int) -> nnx.Rngs:

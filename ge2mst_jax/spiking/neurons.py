@@ -11,6 +11,7 @@ Flax NNX module that the network uses wherever a neuron stands.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import math
@@ -23,6 +24,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from ge2mst_jax.spiking.forward import Forward
 from ge2mst_jax.spiking.spike_stats import SpikeStats
 
 MAX_T = 16  # level tables grow as 2^T; 16 steps is far beyond any published SNN setting.
@@ -205,17 +207,6 @@ def _grid_codes_jvp(primals, tangents):
   q, unit = primals
   dq, dunit = tangents
   return grid_codes(q, unit), (dq - q * dunit / unit) / unit
-
-
-def static_alpha(alpha) -> float | None:
-  """`alpha` as a Python float if it is known while tracing (a Python, numpy or concrete JAX
-  scalar), else None (a traced value, as in the train step's schedule)."""
-  if isinstance(alpha, jax.core.Tracer):   # asked first: float() of a tracer raises an error whose
-    return None                             # message walks the whole program traced so far
-  try:
-    return float(alpha)
-  except TypeError:   # not a scalar
-    return None
 
 
 def _code_parts(x, lam, T, K, symmetric, method):
@@ -466,25 +457,42 @@ def scale_grad(x, scale):
 scale_grad.defvjp(lambda x, scale: (x, scale), lambda scale, g: (g * scale, None))
 
 
+@dataclasses.dataclass(frozen=True)
+class Neuron:
+  """The options of a network's ExpG-IF neurons, each checked here once (`ExpGIF` builds one too)."""
+  T: int = 4
+  K: int = 2
+  lam_init: float = 1.0
+  # Level search, one result: 'search' (binary) | 'compare' (a chain over the |L|-1 thresholds; fastest
+  # on CPU for small T) | 'arith' (bit arithmetic, cost flat in T; for large T, K in {1, 2, T}).
+  quantizer: str = "compare"
+  emitter: str = "bits"                       # spike emission: 'bits' (vectorised) | 'scan' (IF loop; same spikes)
+  # Spike-mode synapses: 'steps' (each layer on every binary step, then integrated, as a chip does) |
+  # 'code' (each layer once on the decoded train: the same linear sum regrouped, ~T x less work).
+  spike_integration: str = "steps"
+
+  def __post_init__(self):
+    check_tk(self.T, self.K)
+    if not self.lam_init > 0:
+      raise ValueError(f"ExpG-IF lam_init={self.lam_init} must be > 0.")
+    for name, choices in (("quantizer", METHODS), ("emitter", EMITTERS), ("spike_integration", INTEGRATIONS)):
+      if getattr(self, name) not in choices:
+        raise ValueError(f"{name}={getattr(self, name)!r}: use one of {choices}.")
+
+
 class ExpGIF(nnx.Module):
   """An ExpG-IF neuron layer with a learnable threshold `lam` (one per layer).
 
-  `mode='quantize'`: the progressive activation (training; alpha=1 is the exact
-  quantizer). `mode='spike'`: returns a `SpikeTrain` of T steps whose decoding is
-  bitwise the quantizer's output.
+  Called as `neuron(x, ctx)` with the pass's `Forward` context. Quantize mode: the progressive
+  activation (training; alpha=1 is the exact quantizer). Spike mode: returns a `SpikeTrain` of
+  T steps whose decoding is bitwise the quantizer's output.
   """
 
   def __init__(self, T: int = 4, K: int = 2, symmetric: bool = False, lam_init: float = 1.0,
                method: str = "search", emitter: str = "bits", integration: str = "steps", *,
                rngs: nnx.Rngs | None = None):
     del rngs  # deterministic init; the argument keeps the NNX constructor convention.
-    check_tk(T, K)
-    if lam_init <= 0:
-      raise ValueError(f"ExpG-IF lam_init={lam_init} must be > 0.")
-    if emitter not in EMITTERS:
-      raise ValueError(f"Unknown spike emitter {emitter!r}: use one of {EMITTERS}.")
-    if integration not in INTEGRATIONS:
-      raise ValueError(f"Unknown spike integration {integration!r}: use one of {INTEGRATIONS}.")
+    Neuron(T, K, lam_init, method, emitter, integration)   # checks the options
     self.T, self.K, self.symmetric, self.method, self.emitter = T, K, symmetric, method, emitter
     self.integration = integration
     self.lam = nnx.Param(jnp.asarray(lam_init, jnp.float32))
@@ -504,25 +512,16 @@ class ExpGIF(nnx.Module):
     """`lam / Z` in `dtype`, as both modes compute it: the value of one unit of the neuron's code."""
     return code_scale(self.threshold().astype(dtype), self.T, self.K, dtype)
 
-  def grid_unit(self, mode: str, alpha, dtype=jnp.float32) -> jax.Array | None:
-    """The unit of the grid the neuron's output lies on exactly, when it does: quantize mode at a
-    static alpha >= 1 (evaluation). None otherwise (training's blend, spike mode's SpikeTrain)."""
-    on_grid = mode == "quantize" and (static_alpha(alpha) or 0.0) >= 1
-    return self.code_unit(dtype) if on_grid else None
-
-  def __call__(self, x, *, mode: str = "quantize", alpha=1.0, collect: bool = False):
+  def __call__(self, x, ctx: Forward):
     # float32 whatever the activations' dtype, in both modes: the thresholds compare against it in
     # float32, and its gradient sums over the whole layer.
-    if mode == "quantize":
+    if ctx.mode == "quantize":
       lam = self.training_threshold(max(x.size // max(x.shape[0], 1), 1))
-      return progressive_activation(x, lam, alpha, self.T, self.K, self.symmetric, self.method)
-    lam = self.threshold()
-    if mode == "spike":
-      spikes, _ = expg_spikes(x, lam, self.T, self.K, self.symmetric, self.method, self.emitter)
-      if collect:
-        self.sow(SpikeStats, "spike_count", jnp.sum(jnp.abs(spikes), dtype=jnp.float32))
-        self.sow(SpikeStats, "neurons", jnp.asarray(x.size, jnp.float32))
-      return SpikeTrain(spikes, self.code_unit(x.dtype), self.integration)
-    if mode == "stbp":
+      return progressive_activation(x, lam, ctx.alpha, self.T, self.K, self.symmetric, self.method)
+    if ctx.mode == "stbp":
       raise ValueError("mode='stbp' needs LIF neurons: build the network with paradigm='stbp'.")
-    raise ValueError(f"Unknown neuron mode {mode!r}: use 'quantize' or 'spike'.")
+    spikes, _ = expg_spikes(x, self.threshold(), self.T, self.K, self.symmetric, self.method, self.emitter)
+    if ctx.collect:
+      self.sow(SpikeStats, "spike_count", jnp.sum(jnp.abs(spikes), dtype=jnp.float32))
+      self.sow(SpikeStats, "neurons", jnp.asarray(x.size, jnp.float32))
+    return SpikeTrain(spikes, self.code_unit(x.dtype), self.integration)

@@ -13,16 +13,45 @@ Dynamics (decay_input, reset to 0), for input current `x_t`:
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ge2mst_jax.spiking.forward import Forward
 from ge2mst_jax.spiking.spike_stats import SpikeStats
 
 SURROGATES = ("sigmoid", "atan")
 RESETS = ("soft", "hard")
+
+
+PARADIGMS = ("expg", "stbp")
+
+
+@dataclasses.dataclass(frozen=True)
+class Baseline:
+  """The training paradigm and the LIF neuron of its STBP baseline, checked here once (`LIF` builds
+  one too). 'expg': ExpG-IF quantizers, the paper; 'stbp': multi-step LIF + BPTT, whose options
+  below are read (and checked) only then."""
+  paradigm: str = "expg"
+  lif_tau: float = 2.0                        # stbp: membrane time constant
+  lif_threshold: float = 0.5                  # stbp: firing threshold v_th (at 1.0 a fresh net barely fires)
+  lif_reset: str = "soft"                     # stbp: 'soft' (subtract v_th) | 'hard' (to 0)
+  surrogate: str = "sigmoid"                  # stbp: surrogate gradient 'sigmoid' | 'atan'
+  surrogate_alpha: float = 4.0                # stbp: surrogate sharpness
+
+  def __post_init__(self):
+    if self.paradigm not in PARADIGMS:
+      raise ValueError(f"paradigm={self.paradigm!r}: use one of {PARADIGMS}.")
+    if self.paradigm != "stbp":
+      return
+    if not self.lif_tau >= 1:
+      raise ValueError(f"lif_tau={self.lif_tau} must be >= 1 (tau=1 is an IF neuron without leak memory).")
+    for name, choices in (("lif_reset", RESETS), ("surrogate", SURROGATES)):
+      if getattr(self, name) not in choices:
+        raise ValueError(f"STBP option {name}={getattr(self, name)!r}: use one of {choices}.")
 
 
 def surrogate_grad(u: jax.Array, kind: str, alpha: float) -> jax.Array:
@@ -80,24 +109,19 @@ class LIF(nnx.Module):
   def __init__(self, T: int = 4, tau: float = 2.0, threshold: float = 1.0, reset: str = "soft",
                surrogate: str = "sigmoid", surrogate_alpha: float = 4.0, symmetric: bool = False):
     del symmetric
-    if tau < 1:
-      raise ValueError(f"LIF tau={tau} must be >= 1 (tau=1 is an IF neuron without leak memory).")
-    if reset not in RESETS:
-      raise ValueError(f"Unknown LIF reset {reset!r}: use one of {RESETS}.")
-    if surrogate not in SURROGATES:
-      raise ValueError(f"Unknown surrogate {surrogate!r}: use one of {SURROGATES}.")
+    Baseline("stbp", tau, threshold, reset, surrogate, surrogate_alpha)   # checks the options
     self.T, self.tau, self.v_th, self.reset = T, float(tau), float(threshold), reset
     self.surrogate, self.alpha = surrogate, float(surrogate_alpha)
 
-  def __call__(self, x, *, mode: str = "stbp", alpha=1.0, collect: bool = False):
-    del alpha  # progressive activation belongs to ExpG-IF
-    if mode != "stbp":
-      raise ValueError(f"A LIF (STBP) network runs only in mode='stbp', not {mode!r}.")
+  def __call__(self, x, ctx: Forward):
+    # ctx.alpha is not read: progressive activation belongs to ExpG-IF.
+    if ctx.mode != "stbp":
+      raise ValueError(f"A LIF (STBP) network runs only in mode='stbp', not {ctx.mode!r}.")
     if x.shape[0] != self.T:
       raise ValueError(f"LIF layer built for T={self.T} got {x.shape[0]} time steps (input shape {x.shape}).")
     spikes = lif_scan(x, tau=self.tau, v_th=self.v_th, reset=self.reset, surrogate=self.surrogate,
                       alpha=self.alpha)
-    if collect:
+    if ctx.collect:
       self.sow(SpikeStats, "spike_count", jnp.sum(spikes, dtype=jnp.float32))
       self.sow(SpikeStats, "neurons", jnp.asarray(x[0].size, jnp.float32))
     return spikes
