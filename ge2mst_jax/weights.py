@@ -27,7 +27,9 @@ from ge2mst_jax.io import paths
 from ge2mst_jax.io import saved_config
 from ge2mst_jax.train import sharding as shd
 from ge2mst_jax.io.errors import CheckpointError
-from ge2mst_jax.nn.models import model_from_config
+from ge2mst_jax.nn.models import model_from_config, upgrade_legacy_tree
+
+EXPORT_FORMAT = "ge2mst_jax/2"
 
 
 def _model_from_workdir(workdir, step: int | None = None):
@@ -65,6 +67,11 @@ def load(path, step: int | None = None):
   cfg = saved_config.from_json(meta["config"])
   model = model_from_config(cfg)
   pure = nnx.restore_int_paths(traverse_util.unflatten_dict({k: jax.numpy.asarray(v) for k, v in flat.items()}, sep="/"))
+  if meta.get("format") == "ge2mst_jax/1":   # attention paths as they were before format 2
+    pure = upgrade_legacy_tree(pure)
+  elif meta.get("format") != EXPORT_FORMAT:
+    raise CheckpointError(f"{path} has export format {meta.get('format')!r}; this ge2mst_jax reads "
+                          f"'ge2mst_jax/1' and {EXPORT_FORMAT!r}: load it with the ge2mst_jax that wrote it.")
   try:
     state = nnx.state(model)
     nnx.replace_by_pure_dict(state, pure)
@@ -92,7 +99,7 @@ def export(workdir, out, step: int | None = None) -> str:
   flat = {k: np.asarray(v) for k, v in saved_config.flat(jax.device_get(nnx.to_pure_dict(nnx.state(model)))).items()}
   dest = paths.resolve(out)
   dest.parent.mkdir(parents=True, exist_ok=True)
-  data = safetensors_to_bytes(flat, metadata={"config": cfg.to_json(), "step": str(step), "format": "ge2mst_jax/1"})
+  data = safetensors_to_bytes(flat, metadata={"config": cfg.to_json(), "step": str(step), "format": EXPORT_FORMAT})
   dest.write_bytes(data)
   summary = epath.Path(workdir) / "summary.json"
   metrics = json.loads(summary.read_text()) if summary.exists() else {}

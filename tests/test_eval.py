@@ -3,6 +3,7 @@ short digits run."""
 import hashlib
 import json
 import os
+import pathlib
 import shutil
 import subprocess
 import sys
@@ -12,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from flax import nnx
+from flax import nnx, traverse_util
+from safetensors.numpy import save as safetensors_to_bytes
 
 import ge2mst_jax
 from ge2mst_jax.train import checkpoint as ckpt_lib
@@ -88,6 +90,17 @@ def test_load_export_round_trip_gives_identical_logits(trained, tmp_path):
   model2, _ = ge2mst_jax.load(path)
   for a, b in zip(both_modes(model, x), both_modes(model2, x)):
     np.testing.assert_array_equal(a, b)
+  # An export of format 1 (attention paths as before format 2) loads into the same model.
+  flat, meta = weights._read_safetensors(pathlib.Path(path).read_bytes())
+  old = saved_config.flat(_format_1_paths(traverse_util.unflatten_dict(flat, sep="/")))
+  assert any("/attn/q/conv/" in k for k in old)
+  (tmp_path / "v1.safetensors").write_bytes(safetensors_to_bytes(old, metadata={**meta, "format": "ge2mst_jax/1"}))
+  model3, _ = ge2mst_jax.load(tmp_path / "v1.safetensors")
+  for a, b in zip(both_modes(model, x), both_modes(model3, x)):
+    np.testing.assert_array_equal(a, b)
+  (tmp_path / "v9.safetensors").write_bytes(safetensors_to_bytes(old, metadata={**meta, "format": "ge2mst_jax/9"}))
+  with pytest.raises(ckpt_lib.CheckpointError, match=r"has export format 'ge2mst_jax/9'; this ge2mst_jax reads"):
+    ge2mst_jax.load(tmp_path / "v9.safetensors")
 
 
 def test_a_loaded_or_exported_model_scores_its_evaluated_accuracy_from_raw_images(trained, tmp_path):
@@ -205,14 +218,32 @@ def test_a_checkpoint_reads_with_orbax_and_numpy_alone_under_readable_names(trai
   assert int(saved["optimizer/step"]) == 8 and any(k.startswith("optimizer/opt_state/") for k in saved)
 
 
+def _format_1_paths(pure: dict) -> dict:
+  """`pure` with each attention block's paths as format 1 had them, before the block owned its
+  input neuron: `<block>/neuron/...` was `<block>/attn/q/neuron/...`, `<block>/attn/q/...` was
+  `<block>/attn/q/conv/...` (in the optimizer's moments too)."""
+  flat = traverse_util.flatten_dict(pure)
+  blocks = {k[:k.index("attn")] for k in flat if "attn" in k}
+
+  def old(k):
+    for i in range(len(k)):
+      if k[:i] in blocks and k[i] == "neuron":
+        return k[:i] + ("attn", "q", "neuron") + k[i + 1:]
+      if k[:i] in blocks and k[i:i + 2] == ("attn", "q"):
+        return k[:i] + ("attn", "q", "conv") + k[i + 2:]
+    return k
+  return traverse_util.unflatten_dict({old(k): v for k, v in flat.items()})
+
+
 def _write_format_1(directory, step: int, state, graphdef, data_position: dict) -> None:
   """A step as checkpoints were written before the `format` item: the state positional,
-  `nnx.state((model, optimizer))` (state/0 the model, state/1 the optimizer)."""
+  `nnx.state((model, optimizer))` (state/0 the model, state/1 the optimizer), with format 1's
+  attention paths."""
   model, opt = train_state.model_and_optimizer(graphdef, state)
   mngr = ocp.CheckpointManager(directory, item_handlers={"state": ckpt_lib._state_handler(),
                                                          "data_position": ocp.JsonCheckpointHandler()})
-  mngr.save(step, args=ocp.args.Composite(state=ocp.args.PyTreeSave(nnx.to_pure_dict(nnx.state((model, opt)))),
-                                          data_position=ocp.args.JsonSave(data_position)))
+  pure = _format_1_paths(nnx.to_pure_dict(nnx.state((model, opt))))
+  mngr.save(step, args=ocp.args.Composite(state=ocp.args.PyTreeSave(pure), data_position=ocp.args.JsonSave(data_position)))
   mngr.wait_until_finished()
   mngr.close()
 
@@ -231,8 +262,10 @@ def test_a_format_1_checkpoint_restores_and_resumes_bit_exactly_and_stays_as_it_
   step_dir = old / "checkpoints" / "4"
   assert ckpt_lib.saved_version(step_dir) == 1
   reader = ckpt_lib.Checkpoints(old / "checkpoints", read_only=True)
-  assert set(reader.saved_shapes(4)) == {"0", "1"}
+  saved_paths = set(saved_config.flat(reader.saved_shapes(4)))
   reader.close()
+  assert {k.split("/")[0] for k in saved_paths} == {"0", "1"}
+  assert any("/attn/q/conv/" in k for k in saved_paths) and any("/attn/q/neuron/" in k for k in saved_paths)
   on_disk = lambda: {str(p): p.read_bytes() for p in sorted(step_dir.rglob("*")) if p.is_file()}
   before = on_disk()
 

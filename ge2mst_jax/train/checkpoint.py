@@ -13,7 +13,8 @@ A checkpoint step is a directory of three items, each in orbax's standard format
                   (see `data.resume_records`).
 
 `best/` holds the best evaluated step's `state` and `format` alike. Format 1 (steps without a
-`format` item) stored the state positionally: `state/0` the model, `state/1` the optimizer. Such
+`format` item) stored the state positionally, `state/0` the model and `state/1` the optimizer, and
+an attention block's input neuron inside its attention layer (`attn/q/neuron`, `attn/q/conv`). Such
 steps are read as they are and renamed on reading; nothing on disk is moved or rewritten, and a
 resumed run writes its new steps in the current format.
 
@@ -37,12 +38,13 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
-from flax import nnx
+from flax import nnx, traverse_util
 
 from ge2mst_jax.io import paths
 from ge2mst_jax.io import saved_config
 from ge2mst_jax.train import sharding as shd
 from ge2mst_jax.io.errors import CheckpointError, IncompatibleCheckpointError
+from ge2mst_jax.nn.models import legacy_path
 
 ITEMS = ("state", "format", "data_position")
 FORMAT_VERSION = 2
@@ -85,19 +87,29 @@ def abstract_pure(abstract_state, shardings) -> dict:
   return nnx.to_pure_dict(target)
 
 
+def _v1_path(path: tuple) -> tuple:
+  """Where a leaf of a format-1 state lives now: `0/...` is `model/...` and `1/...` is
+  `optimizer/...`, and inside them the attention blocks' paths as they were before each block
+  owned its input neuron (`models.legacy_path`)."""
+  return (V1_NAMES[int(path[0])],) + legacy_path(tuple(path[1:]))
+
+
 def named(saved: dict, version: int) -> dict:
   """A state tree read from a step of format `version`, under the current names."""
-  if version == 1 and saved is not None and set(map(str, saved)) == {"0", "1"}:
-    by_index = {str(k): v for k, v in saved.items()}
-    return {name: by_index[str(i)] for i, name in enumerate(V1_NAMES)}
-  return saved
+  if version != 1 or saved is None:
+    return saved
+  flat = traverse_util.flatten_dict(saved)
+  return nnx.restore_int_paths(traverse_util.unflatten_dict({_v1_path(k): v for k, v in flat.items()}))
 
 
-def as_saved(target: dict, version: int) -> dict:
-  """A target tree under the current names, laid out as a step of format `version` stores it."""
-  if version == 1 and set(target) == set(V1_NAMES):
-    return {i: target[name] for i, name in enumerate(V1_NAMES)}
-  return target
+def as_saved(target: dict, version: int, saved: dict) -> dict:
+  """`target` (under the current names) laid out as the step of format `version` whose saved
+  tree (metadata will do) is `saved`: the restore target for that step."""
+  if version != 1:
+    return target
+  where = {tuple(map(str, _v1_path(k))): k for k in traverse_util.flatten_dict(saved)}
+  flat = traverse_util.flatten_dict(target)
+  return traverse_util.unflatten_dict({where.get(tuple(map(str, k)), k): v for k, v in flat.items()})
 
 
 def saved_version(step_dir) -> int:
@@ -217,7 +229,7 @@ class Checkpoints:
       restored, problem = None, detail
       if verdict == "ok":
         try:
-          target = as_saved(target_pure, version)
+          target = as_saved(target_pure, version, self.saved_shapes(s) if version == 1 else None)
           args = {"state": ocp.args.PyTreeRestore(target,
                                                   restore_args=ocp.checkpoint_utils.construct_restore_args(target))}
           if (self.step_path(s) / "data_position").exists():
