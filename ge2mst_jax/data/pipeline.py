@@ -43,7 +43,7 @@ DIGITS_TRAIN = 1437   # DIGITS_SPLIT holds the train indices, then the 360 test 
 
 def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
   """scikit-learn's copy of the digits (images 1797x8x8 in 0..16, labels), read without importing
-  scikit-learn: its import alone took 2.3 s of every training process's start-up."""
+  scikit-learn, whose import alone would add seconds to every training process's start-up."""
   spec = importlib.util.find_spec("sklearn")
   path = os.path.join(spec.submodule_search_locations[0], "datasets", "data", "digits.csv.gz") if spec else ""
   if not os.path.exists(path):
@@ -82,8 +82,8 @@ def tfds_source(name: str, split: str, data_dir: str | None, encoded_images: boo
   import tensorflow_datasets as tfds
 
   if data_dir and paths.is_remote(data_dir):
-    # array_record's reader (C++, under tfds.data_source) opens local files only: measured, it
-    # fails on gs:// even where epath, gcsfs and tensorstore reach the bucket.
+    # array_record's reader (C++, under tfds.data_source) opens local files only: it fails on
+    # gs:// even where epath, gcsfs and tensorstore reach the bucket.
     raise DataError(f"data.data_dir={data_dir}: ArrayRecord files are read from a local path only; mount the "
                     f"bucket (e.g. `gcsfuse --implicit-dirs BUCKET /gcs/BUCKET`) or copy the prepared data to "
                     f"local disk, and pass that directory.")

@@ -3,7 +3,7 @@
 The whole state (model parameters, BatchNorm statistics, optimizer state and step) is one
 `nnx.State` pytree, created already sharded by `jax.jit(..., out_shardings=...)`, or read from
 a checkpoint straight into those shardings: a resumed pod job neither compiles nor runs the
-initialisation (on a 2-core CPU the tests' small network's initialisation alone compiles in 3-8 s).
+initialisation, a program of its own whose compile alone takes seconds even for a small network.
 """
 from __future__ import annotations
 
