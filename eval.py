@@ -51,7 +51,7 @@ def main(argv):
       sys.exit(f"eval.py: {e} Pass --config configs/NAME.py for this checkpoint.")
     except Exception as e:  # an unreachable bucket
       sys.exit(f"eval.py: cannot read {workdir}: {paths.describe(e)}")
-  sharding.enable_compile_cache(cfg.get("compile_cache_dir", ""))
+  sharding.enable_compile_cache(cfg.compile_cache_dir)
   ckpt_dir = paths.resolve(FLAGS.checkpoint) if FLAGS.checkpoint else workdir / "checkpoints"
   out = paths.resolve(FLAGS.out) if FLAGS.out else workdir / "eval"
   try:

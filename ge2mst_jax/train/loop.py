@@ -57,7 +57,7 @@ def make_train_step(cfg, setup: TrainSetup):
     before = jax.tree.map(lambda x: x, state) if skip_nonfinite else None
     model, opt = nnx.merge(graphdef, state)
     step = opt.step[...]
-    alpha = alpha_schedule(step / total, a.kind, a.ramp_end, a.get("power", 1.0))
+    alpha = alpha_schedule(step / total, a.kind, a.ramp_end, a.power)
     labels = optax.smooth_labels(jax.nn.one_hot(batch["label"], num_classes), smoothing)
     images, labels = mixing.mix(batch["image"], labels, jax.random.fold_in(aug_key, step), cfg.mixup, cfg.cutmix,
                                 partners)
@@ -82,7 +82,7 @@ def make_train_step(cfg, setup: TrainSetup):
                "finite": finite.astype(jnp.float32)}
     return new, metrics
 
-  batch_sh = {"image": shd.batch_sharding(setup.mesh, 5 if cfg.data.get("event_frames") else 4),
+  batch_sh = {"image": shd.batch_sharding(setup.mesh, 5 if cfg.data.event_frames else 4),
               "label": shd.batch_sharding(setup.mesh, 1)}
   return jax.jit(train_step, in_shardings=(setup.shardings, batch_sh), out_shardings=(setup.shardings, None),
                  donate_argnums=0)
@@ -109,9 +109,9 @@ def validate_config(cfg, mesh) -> None:
   if arch.image_size != cfg.data.image_size:
     raise ValueError(f"model.arch.image_size={arch.image_size} differs from data.image_size={cfg.data.image_size}: "
                      f"set both to the same size.")
-  if arch.event_frames != cfg.data.get("event_frames", 0):
+  if arch.event_frames != cfg.data.event_frames:
     raise ValueError(f"model.arch.event_frames={arch.event_frames} differs from data.event_frames="
-                     f"{cfg.data.get('event_frames', 0)}: set both to the number of event frames.")
+                     f"{cfg.data.event_frames}: set both to the number of event frames.")
   profiling.check(cfg)
   data_lib.check_data(cfg.data)
 
