@@ -132,6 +132,9 @@ def test_a_config_saved_before_newer_keys_loads_and_evaluates_with_their_default
   read = saved_config.read(tmp_path)
   assert saved_config.diff(read, cfg) == []    # every key back, at the value the run itself had
   assert read.eval_matmul_precision == "highest" and read.profile.steps == 0 and not read.distributed.enabled
+  read.data.image_size = 20                     # the shared fields are one value again
+  assert read.model.arch.image_size == 20
+  read.data.image_size = cfg.data.image_size
   rep = evaluation.evaluate_checkpoint(read, os.path.join(workdir, "checkpoints"), energy_images=16)
   assert rep["accuracy_quantize"] == out["accuracy_quantize"] and rep["accuracy_spike"] == out["accuracy_spike"]
 

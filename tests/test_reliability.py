@@ -165,7 +165,6 @@ def test_a_save_on_eight_devices_compiles_nothing_and_restores_exactly(tmp_path,
 
 BAD_INPUTS = [
     ({"batch_size": 30}, r"batch_size=30 is not divisible by the 8 devices: use a multiple of 8"),
-    ({"data.image_size": 28}, r"model.arch.image_size=16 differs from data.image_size=28"),
     ({"data.name": "nosuch"}, r"Unknown data set 'nosuch'.*check data.name"),
     ({"model.arch.T": 0}, r"T=0 is out of range: use an integer 1 <= T <= 16"),
     ({"model.arch.K": 5}, r"K=5 is out of range for T=4: use an integer 1 <= K <= T"),

@@ -25,6 +25,11 @@ def save(cfg, workdir) -> None:
   paths.write_text_atomic(wd / FILE, cfg.to_json(indent=2))
 
 
+# Fields a fresh config holds once, as one FieldReference at both places (configs/common.py):
+# the images the data pipeline makes and the images the network is built for.
+SHARED = ("image_size", "event_frames")
+
+
 def defaults() -> ml_collections.ConfigDict:
   """Today's default of every run-config key but the data set's and the network's own (the
   data set's name, classes and image size, and `model`, which configs/common.base_config adds)."""
@@ -85,8 +90,16 @@ def _fill(cfg: ml_collections.ConfigDict, default: ml_collections.ConfigDict) ->
 
 def migrate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """A saved config as today's code reads it (in place): keys added since it was saved take
-  their defaults. Missing `model.arch` fields take ArchConfig's defaults when the network is built."""
+  their defaults, and the `SHARED` fields become one reference again, as in a fresh config.
+  Missing `model.arch` fields take ArchConfig's defaults when the network is built."""
   _fill(cfg, defaults())
+  arch = cfg.model.arch
+  for key in SHARED:
+    value = cfg.data[key]
+    if key in arch and arch[key] != value:
+      raise CheckpointError(f"The saved config has data.{key}={value} but model.arch.{key}={arch[key]}; the "
+                            f"network is built for the images the data gives: make them equal in its {FILE}.")
+    cfg.data[key] = arch[key] = ml_collections.FieldReference(value)
   return cfg
 
 

@@ -105,13 +105,7 @@ def validate_config(cfg, mesh) -> None:
   if not 0 < cfg.lease.heartbeat_secs < cfg.lease.timeout_secs:
     raise ValueError(f"lease.heartbeat_secs={cfg.lease.heartbeat_secs} must be > 0 and below "
                      f"lease.timeout_secs={cfg.lease.timeout_secs}.")
-  arch = arch_from_config(cfg)
-  if arch.image_size != cfg.data.image_size:
-    raise ValueError(f"model.arch.image_size={arch.image_size} differs from data.image_size={cfg.data.image_size}: "
-                     f"set both to the same size.")
-  if arch.event_frames != cfg.data.event_frames:
-    raise ValueError(f"model.arch.event_frames={arch.event_frames} differs from data.event_frames="
-                     f"{cfg.data.event_frames}: set both to the number of event frames.")
+  arch_from_config(cfg)   # the network's own errors (model.arch), before anything is built
   profiling.check(cfg)
   data_lib.check_data(cfg.data)
 
