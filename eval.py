@@ -6,10 +6,10 @@ Writes DIR/eval/report.json, report.md, sops.png and firing_rates.png.
 """
 import sys
 
-from ge2mst_jax.io.hugepages import reexec_with_huge_pages
+from ge2mst_jax.io import hugepages
 
 if __name__ == "__main__":
-  reexec_with_huge_pages()  # first, before JAX or a config file is imported: they would load twice
+  hugepages.reexec_with_huge_pages()  # first, before JAX or a config file is imported: they would load twice
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
@@ -27,6 +27,8 @@ flags.DEFINE_integer("energy_images", 64, "Test images whose spikes are counted 
 flags.DEFINE_string("out", None, "Report directory (default: WORKDIR/eval).")
 flags.DEFINE_bool("audit", False, "Also audit spike mode on the energy images: is every synaptic operation driven by "
                   "spikes, and do SOPs counted from the operands match energy.py's? Exits 1 if not.")
+# Acted on before absl parses (hugepages.reexec_with_huge_pages); defined here for --help.
+flags.DEFINE_enum(hugepages.FLAG, "auto", hugepages.MODES, hugepages.HELP)
 FLAGS = flags.FLAGS
 
 
@@ -49,7 +51,7 @@ def main(argv):
       sys.exit(f"eval.py: {e} Pass --config configs/NAME.py for this checkpoint.")
     except Exception as e:  # an unreachable bucket
       sys.exit(f"eval.py: cannot read {workdir}: {paths.describe(e)}")
-  sharding.enable_compile_cache(cfg.get("compile_cache_dir", ""))
+  sharding.enable_compile_cache(cfg.compile_cache_dir)
   ckpt_dir = paths.resolve(FLAGS.checkpoint) if FLAGS.checkpoint else workdir / "checkpoints"
   out = paths.resolve(FLAGS.out) if FLAGS.out else workdir / "eval"
   try:

@@ -6,10 +6,10 @@
 import os
 import sys
 
-from ge2mst_jax.io.hugepages import reexec_with_huge_pages
+from ge2mst_jax.io import hugepages
 
 if __name__ == "__main__":
-  reexec_with_huge_pages()  # first, before JAX or a config file is imported: they would load twice
+  hugepages.reexec_with_huge_pages()  # first, before JAX or a config file is imported: they would load twice
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
@@ -24,6 +24,8 @@ guard(lambda: config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Traini
 flags.DEFINE_string("workdir", None, "Work directory (checkpoints, metrics), local or gs://bucket/path. "
                     "Default: ./workdirs/<data set>.")
 flags.DEFINE_bool("quiet", False, "No progress output (metrics still go to the work directory).")
+# Acted on before absl parses (hugepages.reexec_with_huge_pages); defined here for --help.
+flags.DEFINE_enum(hugepages.FLAG, "auto", hugepages.MODES, hugepages.HELP)
 FLAGS = flags.FLAGS
 
 

@@ -10,9 +10,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ge2mst_jax.io.hugepages import reexec_with_huge_pages
+from ge2mst_jax.io import hugepages
 
-reexec_with_huge_pages()  # every benchmark is a script that imports this first: measure as train.py runs
+hugepages.reexec_with_huge_pages()  # every benchmark is a script that imports this first: measure as train.py runs
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +30,8 @@ def arg_parser(doc: str) -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat: checks the script runs")
   p.add_argument("--out", default=RESULTS, help="directory of the JSON result")
+  # Acted on at import, before the parser (hugepages.reexec_with_huge_pages); here for --help.
+  p.add_argument(f"--{hugepages.FLAG}", choices=hugepages.MODES, default="auto", help=hugepages.HELP)
   return p
 
 

@@ -15,7 +15,6 @@ def get_config(arg=None):
   model = "ge2mst_tiny" if a["size"] == "tiny" else f"ge2mst_{a['size']}_cifar"
   c = common.base_config(model, dataset="cifar10_dvs", num_classes=10, image_size=size,
                          event_frames=int(a["frames"]), gw_strides=(2, 2))
-  c.data.event_frames = int(a["frames"])
   c.data.augment = "none"
   c.batch_size = 64
   c.epochs = 100

@@ -1,5 +1,5 @@
 """The built-in default: scikit-learn's handwritten digits (ships with the package), 32x32,
-ge2mst_tiny at T=4, K=2. Trains in about two minutes on a 2-core CPU.
+ge2mst_tiny at T=4, K=2. Trains in a few minutes on a CPU.
 
 python train.py --config configs/digits.py[:steps=N]
 """

@@ -20,6 +20,7 @@ import ge2mst_jax
 from ge2mst_jax.train import checkpoint as ckpt_lib
 from ge2mst_jax.data import pipeline as data_lib
 from ge2mst_jax import weights
+from ge2mst_jax.io import saved_config
 from ge2mst_jax.evaluate import report as evaluation
 from ge2mst_jax.train import evaluator as evaluators, loop as train_lib, state as train_state
 from ge2mst_jax.io import saved_config
@@ -126,6 +127,33 @@ def test_a_loaded_or_exported_model_scores_its_evaluated_accuracy_from_raw_image
   np.testing.assert_array_equal(images[:120], batch["image"])
   with pytest.raises(ValueError, match=r"Images of shape \(16, 16, 3\): pass a batch .*images\[None\]"):
     ge2mst_jax.eval_transform(cfg)(raw[0])
+
+
+# Keys added to the config over time: a work directory or export from before any of them must
+# still load, read every one at today's default, and evaluate as it did.
+NEWER_KEYS = ("eval_matmul_precision", "profile", "compile_cache_dir", "distributed", "alpha.power",
+              "data.event_frames", "model.arch.event_frames", "data.randaugment", "data.random_erasing",
+              "data.random_erasing_mode", "data.decode_in_workers", "data.read_threads", "data.eval_policy")
+
+
+def test_a_config_saved_before_newer_keys_loads_and_evaluates_with_their_defaults(trained, tmp_path):
+  cfg, workdir, out = trained
+  old = json.loads(saved_config.read(workdir).to_json())
+  for key in NEWER_KEYS:
+    *path, last = key.split(".")
+    node = old
+    for p in path:
+      node = node[p]
+    del node[last]
+  (tmp_path / saved_config.FILE).write_text(json.dumps(old))
+  read = saved_config.read(tmp_path)
+  assert saved_config.diff(read, cfg) == []    # every key back, at the value the run itself had
+  assert read.eval_matmul_precision == "highest" and read.profile.steps == 0 and not read.distributed.enabled
+  read.data.image_size = 20                     # the shared fields are one value again
+  assert read.model.arch.image_size == 20
+  read.data.image_size = cfg.data.image_size
+  rep = evaluation.evaluate_checkpoint(read, os.path.join(workdir, "checkpoints"), energy_images=16)
+  assert rep["accuracy_quantize"] == out["accuracy_quantize"] and rep["accuracy_spike"] == out["accuracy_spike"]
 
 
 @pytest.mark.parametrize("precision", ["highest", "default"])

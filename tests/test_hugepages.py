@@ -8,22 +8,45 @@ import pytest
 from ge2mst_jax.io import hugepages as hp
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GLIBC, THP = (2, 36), "madvise"   # a machine where huge pages are possible
 
 
-def test_environment_for_the_re_execution():
-  env = hp.huge_page_environ({"PATH": "/bin"}, (2, 36), "madvise")
-  assert env == {"PATH": "/bin", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+def test_plan_of_the_re_execution():
+  env, why = hp.plan("auto", {"PATH": "/bin"}, GLIBC, THP)
+  assert env == {"PATH": "/bin", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"} and why == "an XLA:CPU run"
   # other tunables the user set are kept
-  env = hp.huge_page_environ({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, (2, 39), "always")
+  env, _ = hp.plan("auto", {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, (2, 39), "always")
   assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
-  # nothing to do: already set (no exec loop), opted out, old glibc, no glibc, THP off or unknown
-  assert hp.huge_page_environ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, (2, 36), "madvise") is None
-  assert hp.huge_page_environ({"GE2MST_HUGE_PAGES": "0"}, (2, 36), "madvise") is None
-  assert hp.huge_page_environ({}, (2, 34), "always") is None
-  assert hp.huge_page_environ({}, None, "always") is None
-  assert hp.huge_page_environ({}, (2, 36), "never") is None
-  assert hp.huge_page_environ({}, (2, 36), None) is None
-  assert hp.huge_page_environ({}, (2, 36), "madvise", accelerator=True) is None
+  # nothing to do: off or an unknown mode, already set (no exec loop), old glibc, no glibc, THP off or unknown
+  for mode in ("auto", "on"):
+    assert hp.plan(mode, {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, GLIBC, THP)[0] is None
+    assert hp.plan(mode, {}, (2, 34), "always") == (None, "needs glibc >= 2.35 (this is 2.34)")
+    assert hp.plan(mode, {}, None, "always")[0] is None
+    assert hp.plan(mode, {}, GLIBC, "never")[0] is None
+    assert hp.plan(mode, {}, GLIBC, None)[0] is None
+  assert hp.plan("off", {}, GLIBC, THP) == (None, "off")
+  assert hp.plan(None, {}, GLIBC, THP)[0] is None
+  # auto: XLA:CPU runs outside a debugger only; on: wherever it is possible
+  assert hp.plan("auto", {}, GLIBC, THP, accelerator=True) == (None, "JAX will run on an accelerator")
+  assert hp.plan("auto", {}, GLIBC, THP, debugger=True) == (None, "a debugger is attached")
+  env, why = hp.plan("on", {}, GLIBC, THP, accelerator=True, debugger=True)
+  assert env["GLIBC_TUNABLES"] == hp.TUNABLE and why == "asked for"
+
+
+def test_mode_from_the_command_line_before_the_flag_parser():
+  assert hp.requested_mode([], {}) == "auto"
+  assert hp.requested_mode(["--workdir", "w", "--huge_pages=off"], {}) == "off"
+  assert hp.requested_mode(["--huge_pages", "ON"], {}) == "on"
+  assert hp.requested_mode(["-huge_pages=off"], {}) == "off"                       # absl's one-dash form
+  assert hp.requested_mode(["--huge_pages=on", "--huge_pages=off"], {}) == "off"  # the last wins, as in absl
+  assert hp.requested_mode(["--", "--huge_pages=off"], {}) == "auto"              # not a flag after --
+  assert hp.requested_mode(["--huge_pages=maybe"], {}) is None                    # the parser reports it
+  assert hp.requested_mode(["--huge_pagesx=off", "huge_pages=off"], {}) == "auto"
+  # the environment sets the default (0/1 as off/on); the flag wins
+  assert hp.requested_mode([], {hp.ENV: "0"}) == "off"
+  assert hp.requested_mode([], {hp.ENV: "off"}) == "off"
+  assert hp.requested_mode([], {hp.ENV: "1"}) == "on"
+  assert hp.requested_mode(["--huge_pages=auto"], {hp.ENV: "off"}) == "auto"
 
 
 def test_only_cpu_runs_re_execute():
@@ -35,6 +58,11 @@ def test_only_cpu_runs_re_execute():
   assert hp.accelerator_expected({"JAX_PLATFORMS": "cuda,cpu"}, none)
 
 
+def test_a_loaded_debugger_counts_as_attached():
+  assert hp.debugger_attached({"bdb": None}) and hp.debugger_attached({"debugpy": None})
+  assert hp.debugger_attached({}) == (sys.gettrace() is not None)
+
+
 def test_kernel_mode_is_read_from_the_bracketed_word(tmp_path):
   f = tmp_path / "enabled"
   f.write_text("always [madvise] never\n")
@@ -44,21 +72,43 @@ def test_kernel_mode_is_read_from_the_bracketed_word(tmp_path):
   assert hp.thp_mode(str(tmp_path / "missing")) is None
 
 
-@pytest.mark.skipif(hp.huge_page_environ({}, hp.glibc_version(), hp.thp_mode()) is None,
-                    reason="no glibc >= 2.35 with transparent huge pages on this machine")
-def test_entry_point_re_executes_itself_once_with_the_tunable():
-  code = ("import os, sys; print('start', os.getpid(), flush=True); "
-          "from ge2mst_jax.io.hugepages import reexec_with_huge_pages; reexec_with_huge_pages(); "
-          "print('run', os.getpid(), os.environ['GLIBC_TUNABLES'], sys.argv[1:])")
-  env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", hp.OPT_OUT)}
-  r = subprocess.run([sys.executable, "-c", code, "--flag=1"], capture_output=True, text=True, cwd=ROOT, env=env,
-                     timeout=600)
+PROBE = ("import os, sys; print('start', os.getpid(), flush=True); "
+         "from ge2mst_jax.io.hugepages import reexec_with_huge_pages; reexec_with_huge_pages(); "
+         "print('run', os.getpid(), os.environ.get('GLIBC_TUNABLES'), sys.argv[1:])")
+
+
+def _probe(*args, **env):
+  base = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", hp.ENV)}
+  r = subprocess.run([sys.executable, "-c", PROBE, *args], capture_output=True, text=True, cwd=ROOT,
+                     env={**base, "JAX_PLATFORMS": "cpu", **env}, timeout=600)
   assert r.returncode == 0, r.stderr[-2000:]
   lines = r.stdout.split("\n")
   starts = [line.split()[1] for line in lines if line.startswith("start")]
   run = next(line for line in lines if line.startswith("run")).split(" ", 3)
+  return starts, run, r.stderr
+
+
+@pytest.mark.skipif(hp.plan("auto", {}, hp.glibc_version(), hp.thp_mode())[0] is None,
+                    reason="no glibc >= 2.35 with transparent huge pages on this machine")
+def test_entry_point_re_executes_itself_once_with_the_tunable_and_says_so():
+  starts, run, err = _probe("--flag=1")
   assert len(starts) == 2 and starts[0] == starts[1] == run[1]          # one exec, the same process
   assert run[2] == "glibc.malloc.hugetlb=1" and run[3] == "['--flag=1']"  # arguments kept
-  r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=600,
-                     env={**env, hp.OPT_OUT: "0"})
-  assert r.stdout.count("start") == 1 and "KeyError" in r.stderr     # opted out: no exec, no tunable
+  assert err.strip().splitlines() == [
+      "-c: huge pages: re-executing with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (an XLA:CPU run; "
+      "--huge_pages=off runs without)."]
+  # turned off by the flag (as a launcher or debugger would) or the environment: no exec, no tunable, silent
+  for args, env in ((["--huge_pages=off"], {}), (["--huge_pages", "off"], {}), ([], {hp.ENV: "off"})):
+    starts, run, err = _probe(*args, **env)
+    assert len(starts) == 1 and run[2] == "None" and not err, (args, env, err)
+  # --help only prints: no exec
+  starts, run, err = _probe("--help")
+  assert len(starts) == 1 and run[2] == "None"
+
+
+@pytest.mark.parametrize("script", ["train.py", "eval.py"])
+def test_help_of_the_entry_points_shows_the_flag(script):
+  r = subprocess.run([sys.executable, os.path.join(ROOT, script), "--help"], capture_output=True, text=True,
+                     cwd=ROOT, timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert "--huge_pages: <auto|on|off>" in r.stdout and "(default: 'auto')" in r.stdout
+  assert "re-executing" not in r.stderr

@@ -9,10 +9,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from absl import flags
 from flax import nnx
+from ml_collections import config_flags
 
 from configs import cifar10, digits, imagenet2012
 from ge2mst_jax.data import pipeline as data_lib
+from ge2mst_jax.io import saved_config
+from ge2mst_jax.io.errors import CheckpointError
 from ge2mst_jax.train import sharding as shd
 from ge2mst_jax.train import loop as train_lib
 from ge2mst_jax.train import state as train_state
@@ -158,6 +162,42 @@ def test_cli_config_errors_are_one_line():
   assert "unknown config key 'config.optimizer.lrr'" in last and 'Did you mean "lr"' in last
   r = run_cli("--config.batch_size=abc")
   assert r.returncode != 0 and "--config.batch_size=abc" in r.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("override,other", [
+    ("--config.data.image_size=48", "model.arch.image_size"),
+    ("--config.model.arch.image_size=48", "data.image_size"),
+])
+def test_an_override_of_a_shared_field_sets_both_places(override, other, monkeypatch):
+  """data/model.arch image_size and event_frames are one FieldReference each: a config_flags
+  override (on a locked config, as train.py defines it) of either sets both, also after the
+  config has been saved as JSON and read back."""
+  argv = ["train.py", override, "--config.model.arch.event_frames=6"]
+  monkeypatch.setattr(sys, "argv", argv)   # config_flags defines the override flags from sys.argv
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", os.path.join(ROOT, "configs", "cifar10_dvs.py:tiny"), flag_values=fv,
+                                  lock_config=True)
+  fv(argv)
+  cfg = fv.config
+  assert cfg.data.image_size == cfg.model.arch.image_size == 48
+  assert cfg.data.event_frames == cfg.model.arch.event_frames == 6
+  with pytest.raises(AttributeError):
+    cfg.data.imagesize = 48   # still locked
+  read = saved_config.from_json(cfg.to_json())
+  assert saved_config.diff(read, cfg) == [] and read.to_json() == cfg.to_json()
+  node = read
+  *path, last = other.split(".")
+  for p in path:
+    node = node[p]
+  node[last] = 64
+  assert read.data.image_size == read.model.arch.image_size == 64
+
+
+def test_a_saved_config_whose_shared_fields_disagree_is_a_clear_error():
+  cfg = json.loads(digits.get_config().to_json())
+  cfg["model"]["arch"]["image_size"] = 16
+  with pytest.raises(CheckpointError, match=r"data.image_size=32 but model.arch.image_size=16; .*make them equal"):
+    saved_config.from_json(json.dumps(cfg))
 
 
 def test_mesh_must_divide_the_devices():

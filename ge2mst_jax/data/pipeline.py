@@ -43,7 +43,7 @@ DIGITS_TRAIN = 1437   # DIGITS_SPLIT holds the train indices, then the 360 test 
 
 def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
   """scikit-learn's copy of the digits (images 1797x8x8 in 0..16, labels), read without importing
-  scikit-learn: its import alone took 2.3 s of every training process's start-up."""
+  scikit-learn, whose import alone would add seconds to every training process's start-up."""
   spec = importlib.util.find_spec("sklearn")
   path = os.path.join(spec.submodule_search_locations[0], "datasets", "data", "digits.csv.gz") if spec else ""
   if not os.path.exists(path):
@@ -82,8 +82,8 @@ def tfds_source(name: str, split: str, data_dir: str | None, encoded_images: boo
   import tensorflow_datasets as tfds
 
   if data_dir and paths.is_remote(data_dir):
-    # array_record's reader (C++, under tfds.data_source) opens local files only: measured, it
-    # fails on gs:// even where epath, gcsfs and tensorstore reach the bucket.
+    # array_record's reader (C++, under tfds.data_source) opens local files only: it fails on
+    # gs:// even where epath, gcsfs and tensorstore reach the bucket.
     raise DataError(f"data.data_dir={data_dir}: ArrayRecord files are read from a local path only; mount the "
                     f"bucket (e.g. `gcsfuse --implicit-dirs BUCKET /gcs/BUCKET`) or copy the prepared data to "
                     f"local disk, and pass that directory.")
@@ -113,8 +113,7 @@ def check_data(cfg) -> None:
 def make_source(cfg, split: str):
   if cfg.name == "digits":
     return digits_source(split, cfg.image_size)
-  return tfds_source(cfg.name, cfg[f"{split}_split"], cfg.get("data_dir") or None,
-                     encoded_images=cfg.get("decode_in_workers", False))
+  return tfds_source(cfg.name, cfg[f"{split}_split"], cfg.data_dir or None, encoded_images=cfg.decode_in_workers)
 
 
 # ----------------------------------------------------------------------------
@@ -182,15 +181,15 @@ def local_batch_size(global_batch: int) -> int:
 
 
 def _preprocess(cfg, train: bool) -> Preprocess:
-  ra, erasing = cfg.get("randaugment", ""), cfg.get("random_erasing", 0.0)
+  ra, erasing = cfg.randaugment, cfg.random_erasing
   if (ra or erasing) and cfg.augment != "imagenet":
     raise ValueError(f"data.randaugment={ra!r} / data.random_erasing={erasing} belong to the 'imagenet' policy "
                      f"(data.augment={cfg.augment!r}): set data.augment='imagenet' or clear them.")
   # timm's fill: the data set's mean colour, what a normalised image has at 0
   ra = augment.parse_rand_augment(ra, fill=augment.mean_fill(transforms.MEAN[cfg.norm])) if ra else None
   return Preprocess(cfg.image_size, train, cfg.augment if train else cfg.eval_policy, cfg.norm, ra,
-                    augment.RandomErasing(erasing, cfg.get("random_erasing_mode", "pixel")) if erasing else None,
-                    cfg.get("event_frames", 0))
+                    augment.RandomErasing(erasing, cfg.random_erasing_mode) if erasing else None,
+                    cfg.event_frames)
 
 
 def train_dataset(cfg, global_batch: int, seed: int, source: Sequence | None = None,
@@ -207,8 +206,8 @@ def train_dataset(cfg, global_batch: int, seed: int, source: Sequence | None = N
   # repeated stream, so a stream started at `start` sees exactly what an uninterrupted one did.
   ds = ds.seed(seed).shuffle().repeat(None).random_map(_preprocess(cfg, True))[start:]
   ds = ds.batch(local_batch_size(global_batch), drop_remainder=True)
-  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.get("read_threads", 2), prefetch_buffer_size=4))
-  return _multiprocess(it, cfg.get("workers", 0))
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=4))
+  return _multiprocess(it, cfg.workers)
 
 
 def _multiprocess(it: grain.IterDataset, workers: int) -> grain.IterDataset:
@@ -290,9 +289,9 @@ def eval_dataset(cfg, global_batch: int, num_devices: int | None = None) -> grai
   # `per` rounded up to whole batches: the last process's share may also run past the data set.
   ds = grain.MapDataset.range(-(-per // bs) * bs).map(_EvalRecord(source, prep, start, min(start + per, n), blank))
   ds = ds.batch(bs)
-  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(cfg.get("read_threads", 2), 1),
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(cfg.read_threads, 1),
                                             prefetch_buffer_size=2 * bs))
-  return _multiprocess(it, cfg.get("workers", 0))
+  return _multiprocess(it, cfg.workers)
 
 
 def eval_batches(cfg, global_batch: int, num_devices: int | None = None):

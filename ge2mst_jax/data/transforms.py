@@ -83,9 +83,9 @@ def eval_transform(cfg) -> Callable[[np.ndarray], np.ndarray]:
   """The evaluation transform of a config (a run's `config.json`, or `load`'s second value):
   a batch of raw uint8 images (N, H, W, C), C = 1 or 3, -> float32 (N, S, S, 3)."""
   data = cfg.data if "data" in cfg else cfg
-  if data.get("event_frames", 0):
+  if data.event_frames:
     raise ValueError("eval_transform is for images; event frames are normalised per sample by the pipeline.")
-  size, policy, norm = int(data.image_size), data.get("eval_policy", "none"), data.norm
+  size, policy, norm = int(data.image_size), data.eval_policy, data.norm
 
   def transform(images) -> np.ndarray:
     images = np.asarray(images)

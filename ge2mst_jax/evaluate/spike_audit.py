@@ -62,8 +62,8 @@ def _accumulates(eqn, operands, spike_flags) -> jax.Array:
 class _Interpreter:
   """Re-traces a jaxpr equation by equation, adding for every synaptic operation whether its
   operands are spikes and how many accumulates they trigger. Run under `jax.jit`, so that the
-  audit compiles once and evaluates on device like the forward pass (eagerly, one small
-  program per equation, it took 30 s for ge2mst_tiny at 16x16)."""
+  audit compiles once and evaluates on device like the forward pass (eagerly it would dispatch
+  one small program per equation: tens of seconds even for ge2mst_tiny)."""
 
   def __init__(self, layers: set):
     self.layers, self.records, self.values = layers, [], []

@@ -1,15 +1,27 @@
 """Transparent huge pages for XLA:CPU's buffers, by re-executing an entry point with a glibc tunable.
 
 XLA:CPU allocates a step's temporaries and outputs with malloc. Buffers above glibc's mmap
-threshold come fresh from the kernel at every call, and first touching them costs a page
-fault per 4 KiB: on the benchmark machine that was most of the time of the memory-bound
-work (writing a fresh 32 MiB array: 8.6 ms with 4 KiB pages, 1.0 ms without the faults).
-With `glibc.malloc.hugetlb=1` (glibc >= 2.35) malloc asks for transparent huge pages, 512x
-fewer faults: the `ge2mst_small` train step went from 2.58 s to 1.36-1.52 s. glibc reads its
-tunables only when a process starts, so `train.py`, `eval.py` and the benchmarks call
-`reexec_with_huge_pages()` before they start JAX. `GE2MST_HUGE_PAGES=0` opts out. Only for
-CPU runs: with a GPU or TPU the host allocator is not on the step's path, so a machine where
-JAX will pick an accelerator is left as it is.
+threshold come fresh from the kernel at every call, and first touching them costs a page fault
+per 4 KiB, which dominates memory-bound work: writing a fresh 32 MiB array takes about 8x as
+long with those faults as without. With `glibc.malloc.hugetlb=1` (glibc >= 2.35) malloc asks
+for transparent huge pages, 512x fewer faults, and the `ge2mst_small` train step on XLA:CPU
+takes about half the time (README, "Huge pages"; `benchmarks/train_step.py` runs with them).
+With a GPU or TPU the host allocator is not on the step's path, so nothing is gained there.
+
+glibc reads its tunables only when a process starts, so `train.py`, `eval.py` and the
+benchmarks re-execute themselves once, first thing, with the tunable set: same PID, same
+arguments, one line on stderr saying so. `--huge_pages` decides, read from the command line
+before absl or argparse parse it (they define the same flag, so `--help` lists it):
+
+  auto  (default) only where it was measured to help: an XLA:CPU run (JAX_PLATFORMS=cpu, or
+        no GPU/TPU plugin installed) that is not under a debugger;
+  on    wherever glibc and the kernel support it;
+  off   never: the process stays as it was started (a debugger, a profiler, a launcher that
+        tracks its child).
+
+`GE2MST_HUGE_PAGES=auto|on|off` in the environment sets the same choice where a launcher cannot
+change the command line; the flag wins. A `GLIBC_TUNABLES` that already names
+`glibc.malloc.hugetlb` (the re-executed process, or the user's own choice) is left alone.
 """
 from __future__ import annotations
 
@@ -18,8 +30,15 @@ import os
 import sys
 
 TUNABLE = "glibc.malloc.hugetlb=1"
-OPT_OUT = "GE2MST_HUGE_PAGES"
+FLAG = "huge_pages"
+MODES = ("auto", "on", "off")
+ENV = "GE2MST_HUGE_PAGES"
 ACCELERATOR_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "libtpu", "jax_rocm7_plugin")
+HELP_ARGS = ("-h", "-?", "--help", "-help", "--helpshort", "--helpfull", "--helpxml")
+HELP = ("Re-execute once at start with glibc's transparent huge pages for malloc "
+        f"(GLIBC_TUNABLES={TUNABLE}), which speeds up XLA:CPU's memory-bound steps: 'auto' on CPU "
+        "runs not under a debugger, 'on' wherever glibc >= 2.35 and the kernel allow, 'off' never "
+        f"(the process stays as started). Read before anything else starts; {ENV} sets the default.")
 
 
 def accelerator_expected(environ, find_spec=importlib.util.find_spec) -> bool:
@@ -31,19 +50,55 @@ def accelerator_expected(environ, find_spec=importlib.util.find_spec) -> bool:
   return any(find_spec(name) is not None for name in ACCELERATOR_PLUGINS)
 
 
-def huge_page_environ(environ, glibc_version: tuple | None, thp_mode: str | None,
-                      accelerator: bool = False) -> dict | None:
-  """The environment to re-execute with, or None: an accelerator run, opted out, no glibc >= 2.35,
-  transparent huge pages off in the kernel, or the tunable already set (by us before the exec,
-  or by the user)."""
-  if accelerator or environ.get(OPT_OUT, "1") == "0" or glibc_version is None or glibc_version < (2, 35):
-    return None
+DEBUGGER_MODULES = ("bdb", "pydevd", "debugpy")  # pdb and IPython's debugger, PyCharm / VS Code
+
+
+def debugger_attached(modules=None) -> bool:
+  """A debugger (pdb, debugpy, an IDE's, IPython) runs this process: re-executing it would drop
+  the session and its breakpoints. Its module is loaded even while it traces nothing (pdb after
+  `continue` with no breakpoint); an entry point imports none of these itself before this runs."""
+  if any(m in (sys.modules if modules is None else modules) for m in DEBUGGER_MODULES):
+    return True
+  if sys.gettrace() is not None:
+    return True
+  monitoring = getattr(sys, "monitoring", None)  # Python >= 3.12 debuggers
+  return monitoring is not None and monitoring.get_tool(monitoring.DEBUGGER_ID) is not None
+
+
+def requested_mode(argv, environ) -> str | None:
+  """The mode asked for: the last `--huge_pages=MODE` / `--huge_pages MODE` (one dash or two, up
+  to a `--`), else $GE2MST_HUGE_PAGES (`0`/`1` read as off/on), else 'auto'. None for a value
+  that is not a mode: the flag parser reports it, and nothing is re-executed meanwhile."""
+  mode = {"0": "off", "1": "on"}.get(environ.get(ENV, ""), environ.get(ENV, "") or "auto")
+  args = list(argv)
+  for i, arg in enumerate(args):
+    if arg == "--":
+      break
+    name, eq, value = arg.lstrip("-").partition("=")
+    if not arg.startswith("-") or name != FLAG:
+      continue
+    mode = value if eq else (args[i + 1] if i + 1 < len(args) else "")
+  return mode.lower() if mode.lower() in MODES else None
+
+
+def plan(mode: str | None, environ, glibc_version: tuple | None, thp_mode: str | None,
+         accelerator: bool = False, debugger: bool = False) -> tuple[dict | None, str]:
+  """`(environment to re-execute with or None, why)`."""
+  if mode is None or mode == "off":
+    return None, "off"
+  if "glibc.malloc.hugetlb" in environ.get("GLIBC_TUNABLES", ""):
+    return None, "GLIBC_TUNABLES already sets glibc.malloc.hugetlb"
+  if glibc_version is None or glibc_version < (2, 35):
+    return None, f"needs glibc >= 2.35 (this is {'.'.join(map(str, glibc_version)) if glibc_version else 'not glibc'})"
   if thp_mode not in ("always", "madvise"):
-    return None
+    return None, f"the kernel's transparent huge pages are {thp_mode or 'unavailable'}"
+  if mode == "auto" and accelerator:
+    return None, "JAX will run on an accelerator"
+  if mode == "auto" and debugger:
+    return None, "a debugger is attached"
   tunables = environ.get("GLIBC_TUNABLES", "")
-  if "glibc.malloc.hugetlb" in tunables:
-    return None
-  return {**environ, "GLIBC_TUNABLES": f"{tunables}:{TUNABLE}" if tunables else TUNABLE}
+  env = {**environ, "GLIBC_TUNABLES": f"{tunables}:{TUNABLE}" if tunables else TUNABLE}
+  return env, "an XLA:CPU run" if mode == "auto" else "asked for"
 
 
 def glibc_version() -> tuple | None:
@@ -66,14 +121,23 @@ def thp_mode(path: str = "/sys/kernel/mm/transparent_hugepage/enabled") -> str |
 
 
 def reexec_with_huge_pages() -> None:
-  """Replaces this process by the same command with the tunable set (same PID), where it helps."""
-  if not sys.platform.startswith("linux"):
+  """Replaces this process by the same command with the tunable set (same PID), as `--huge_pages`
+  decides. Says so on stderr when it re-executes, and when an explicit `on` cannot be honoured."""
+  if not sys.platform.startswith("linux") or any(a in HELP_ARGS for a in sys.argv[1:]):
     return
-  env = huge_page_environ(os.environ, glibc_version(), thp_mode(), accelerator_expected(os.environ))
+  mode = requested_mode(sys.argv[1:], os.environ)
+  env, why = plan(mode, os.environ, glibc_version(), thp_mode(), accelerator_expected(os.environ),
+                  debugger_attached())
+  prog = os.path.basename(sys.argv[0]) or "python"
   if env is None:
+    if mode == "on" and "GLIBC_TUNABLES" not in why:
+      print(f"{prog}: huge pages: not enabled although --huge_pages=on: {why}.", file=sys.stderr, flush=True)
     return
-  sys.stdout.flush(), sys.stderr.flush()
+  print(f"{prog}: huge pages: re-executing with GLIBC_TUNABLES={env['GLIBC_TUNABLES']} ({why}; "
+        f"--huge_pages=off runs without).", file=sys.stderr, flush=True)
+  sys.stdout.flush()
   try:
     os.execve(sys.executable, sys.orig_argv, env)
-  except OSError:
-    pass  # runs on with the default allocator
+  except OSError as e:
+    print(f"{prog}: huge pages: re-execution failed ({e}); running with the default allocator.",
+          file=sys.stderr, flush=True)

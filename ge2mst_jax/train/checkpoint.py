@@ -57,9 +57,9 @@ def _state_handler() -> ocp.PyTreeCheckpointHandler:
 
   orbax's default on CPU and TPU splits every replicated array among its replicas and slices it
   on the devices before the host transfer, one eager `slice` program per array shape and
-  replica: the first save of the tests' small network on 8 devices compiled 168 of them
-  (~47 s on a 2-core CPU), and a pod's first save stalls the same way. The state of these
-  models is ~0.1-0.2 GB, so one replica writing each array costs nothing worth that. The files
+  replica: a first save compiles hundreds of them even for a small network on 8 devices, and
+  stalls for as long on a host as on a pod. The state of these models is ~0.1-0.2 GB, so one
+  replica writing each array costs nothing worth that. The files
   are orbax's usual ones (`restore_as_saved` reads them with StandardRestore).
   """
   array = ocp.type_handlers.get_type_handler(jax.Array)

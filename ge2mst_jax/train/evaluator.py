@@ -76,7 +76,7 @@ def make_eval_step(cfg, setup: TrainSetup, modes=("quantize", "spike")):
   """`eval_step(state, metrics_state, batch) -> metrics_state` (`EvalMetrics(modes, ...)`'s state)."""
   graphdef = setup.graphdef
   metrics_def, _ = nnx.split(EvalMetrics(modes, cfg.data.num_classes))
-  precision = cfg.get("eval_matmul_precision", "highest")   # configs saved before the option: highest
+  precision = cfg.eval_matmul_precision
 
   def eval_step(state, metrics_state, batch):
     model, _ = model_and_optimizer(graphdef, state)

@@ -43,7 +43,7 @@ from ge2mst_jax.train.state import (TrainSetup, abstract_train_state, eval_modes
 def alpha_schedule_of(cfg) -> optax.Schedule:
   """`cfg.alpha`'s schedule of the step count; `ramp_end` is a fraction of `cfg.total_steps`."""
   a = cfg.alpha
-  return alpha_schedule(cfg.total_steps, a.kind, a.ramp_end, a.get("power", 1.0))
+  return alpha_schedule(cfg.total_steps, a.kind, a.ramp_end, a.power)
 
 
 @programs.reused
@@ -90,7 +90,7 @@ def make_train_step(cfg, setup: TrainSetup):
                "finite": finite.astype(jnp.float32)}
     return new, metrics
 
-  batch_sh = {"image": shd.batch_sharding(setup.mesh, 5 if cfg.data.get("event_frames") else 4),
+  batch_sh = {"image": shd.batch_sharding(setup.mesh, 5 if cfg.data.event_frames else 4),
               "label": shd.batch_sharding(setup.mesh, 1)}
   return jax.jit(train_step, in_shardings=(setup.shardings, batch_sh), out_shardings=(setup.shardings, None),
                  donate_argnums=0)
@@ -113,13 +113,7 @@ def validate_config(cfg, mesh) -> None:
   if not 0 < cfg.lease.heartbeat_secs < cfg.lease.timeout_secs:
     raise ValueError(f"lease.heartbeat_secs={cfg.lease.heartbeat_secs} must be > 0 and below "
                      f"lease.timeout_secs={cfg.lease.timeout_secs}.")
-  arch = arch_from_config(cfg)
-  if arch.image_size != cfg.data.image_size:
-    raise ValueError(f"model.arch.image_size={arch.image_size} differs from data.image_size={cfg.data.image_size}: "
-                     f"set both to the same size.")
-  if arch.event_frames != cfg.data.get("event_frames", 0):
-    raise ValueError(f"model.arch.event_frames={arch.event_frames} differs from data.event_frames="
-                     f"{cfg.data.get('event_frames', 0)}: set both to the number of event frames.")
+  arch_from_config(cfg)   # the network's own errors (model.arch), before anything is built
   alpha_schedule_of(cfg)   # its kind and ramp_end
   profiling.check(cfg)
   data_lib.check_data(cfg.data)

@@ -20,8 +20,8 @@ from etils import epath
 
 def check(cfg) -> None:
   """One-line errors for a bad `profile` config, before any compile or write."""
-  p = cfg.get("profile")
-  if p is not None and (p.steps < 0 or p.after < 0):
+  p = cfg.profile
+  if p.steps < 0 or p.after < 0:
     raise ValueError(f"profile.steps={p.steps} and profile.after={p.after} must be >= 0 (profile.steps=0: off).")
 
 
@@ -29,8 +29,8 @@ class StepTrace(contextlib.AbstractContextManager):
   """Call `before(step)` and `after(step, outputs)` around every train step of the loop."""
 
   def __init__(self, cfg, workdir, first_step: int, log=print):
-    p = cfg.get("profile")
-    self.first = first_step + p.after if p is not None and p.steps else None
+    p = cfg.profile
+    self.first = first_step + p.after if p.steps else None
     self.last = None if self.first is None else self.first + p.steps - 1
     self.dest = epath.Path(workdir) / "profile" / f"host_{jax.process_index()}"
     self.local, self.log = None, log

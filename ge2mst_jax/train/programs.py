@@ -2,9 +2,9 @@
 
 A notebook, a sweep or a test suite calls `train_and_evaluate` (or evaluates checkpoints) many
 times in one process. `jax.jit` keys its trace cache on the function object, so each call's new
-closures traced and lowered the same steps again: ~15 s for the tests' small network on 2 cores,
-even when the persistent compilation cache held the binaries. The builders below return the
-program built earlier for an equal key: the config without the keys only the loop reads, the
+closures would trace and lower the same steps again, seconds per call even for a small network
+and even when the persistent compilation cache holds the binaries. The builders below return the
+program already built for an equal key: the config without the keys only the loop reads, the
 mesh, the state's shardings and the builder's other arguments. A config that differs anywhere
 else builds anew, so a key never maps to a program built from something else.
 """

@@ -26,15 +26,15 @@ MIN_SHARD_SIZE = 2 ** 12
 
 def maybe_initialize_distributed(cfg) -> None:
   """`jax.distributed.initialize` when this job spans several processes (never twice)."""
-  dist = cfg.get("distributed", None)
-  if dist is None or not dist.get("enabled", False):
+  dist = cfg.distributed
+  if not dist.enabled:
     return
   if jax.distributed.is_initialized():
     return
   # Empty values mean "detect from the cluster environment" (TPU slices, SLURM, ...).
   auto = {"coordinator_address": "", "num_processes": 0, "process_id": -1}
-  kwargs = {k: dist[k] for k, unset in auto.items() if dist.get(k) is not None and dist.get(k) != unset}
-  if dist.get("cpu", False) or jax.config.jax_platforms == "cpu":
+  kwargs = {k: dist[k] for k, unset in auto.items() if dist[k] is not None and dist[k] != unset}
+  if dist.cpu or jax.config.jax_platforms == "cpu":
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes talk over TCP
   jax.distributed.initialize(**kwargs)
 

@@ -5,8 +5,8 @@ The whole state is one `nnx.State` pytree with two named parts: `{"model": ..., 
 state), split from the dict of the two objects, and saved in checkpoints under the same names.
 `model_and_optimizer` takes a state apart, `state_of` puts it together again. It is created
 already sharded by `jax.jit(..., out_shardings=...)`, or read from a checkpoint straight into
-those shardings: a resumed pod job neither compiles nor runs the initialisation (on a 2-core
-CPU the tests' small network's initialisation alone compiles in 3-8 s).
+those shardings: a resumed pod job neither compiles nor runs the initialisation, a program of its
+own whose compile alone takes seconds even for a small network.
 """
 from __future__ import annotations
 
