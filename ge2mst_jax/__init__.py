@@ -16,7 +16,7 @@ re-executes itself) costs no JAX import, `create_model` costs the network only, 
 """
 import importlib
 
-__version__ = "0.1.0"
+__version__ = "1.0.0"
 _LAZY = {
     "create_model": "ge2mst_jax.nn.models",
     **{name: "ge2mst_jax.spiking.neurons" for name in ("ExpGIF", "SpikeTrain", "alpha_schedule", "expg_levels",
