@@ -195,7 +195,6 @@ def test_cli_bad_input_is_one_line(tmp_path, args, message):
   r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--workdir", str(tmp_path / "wd"), *args],
                      capture_output=True, text=True, timeout=600, cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert r.returncode != 0
-  # the one line, after at most the note that the run re-executed itself for huge pages
-  lines = [line for line in r.stderr.strip().splitlines() if not line.startswith("train.py: huge pages: re-executing")]
+  lines = r.stderr.strip().splitlines()
   assert len(lines) == 1 and re.search(message, lines[0]), r.stderr[-2000:]
   assert not (tmp_path / "wd").exists()

@@ -10,8 +10,9 @@ With a GPU or TPU the host allocator is not on the step's path, so nothing is ga
 
 glibc reads its tunables only when a process starts, so `train.py`, `eval.py` and the
 benchmarks re-execute themselves once, first thing, with the tunable set: same PID, same
-arguments, one line on stderr saying so. `--huge_pages` decides, read from the command line
-before absl or argparse parse it (they define the same flag, so `--help` lists it):
+arguments, one line on stderr saying so when stderr is a terminal. `--huge_pages` decides, read
+from the command line before absl or argparse parse it (they define the same flag, so `--help`
+lists it):
 
   auto  (default) only where it was measured to help: an XLA:CPU run (JAX_PLATFORMS=cpu, or
         no GPU/TPU plugin installed) that is not under a debugger;
@@ -122,7 +123,8 @@ def thp_mode(path: str = "/sys/kernel/mm/transparent_hugepage/enabled") -> str |
 
 def reexec_with_huge_pages() -> None:
   """Replaces this process by the same command with the tunable set (same PID), as `--huge_pages`
-  decides. Says so on stderr when it re-executes, and when an explicit `on` cannot be honoured."""
+  decides. Says so on a terminal's stderr when it re-executes, and on any stderr when an explicit
+  `on` cannot be honoured."""
   if not sys.platform.startswith("linux") or any(a in HELP_ARGS for a in sys.argv[1:]):
     return
   mode = requested_mode(sys.argv[1:], os.environ)
@@ -133,8 +135,9 @@ def reexec_with_huge_pages() -> None:
     if mode == "on" and "GLIBC_TUNABLES" not in why:
       print(f"{prog}: huge pages: not enabled although --huge_pages=on: {why}.", file=sys.stderr, flush=True)
     return
-  print(f"{prog}: huge pages: re-executing with GLIBC_TUNABLES={env['GLIBC_TUNABLES']} ({why}; "
-        f"--huge_pages=off runs without).", file=sys.stderr, flush=True)
+  if sys.stderr.isatty():   # for the person at the terminal; piped stderr keeps errors to one line
+    print(f"{prog}: huge pages: re-executing with GLIBC_TUNABLES={env['GLIBC_TUNABLES']} ({why}; "
+          f"--huge_pages=off runs without).", file=sys.stderr, flush=True)
   sys.stdout.flush()
   try:
     os.execve(sys.executable, sys.orig_argv, env)
