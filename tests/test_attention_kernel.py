@@ -29,8 +29,9 @@ def _close(ours, theirs, tol, what):
 
 @pytest.mark.parametrize("dtype,kind,stride,heads,batch", [
     (jnp.float32, "local", 2, 2, 4),
-    (jnp.bfloat16, "global", 4, 1, 3),
-    (jnp.bfloat16, None, None, 2, 130),   # plain SSA, the whole map one group; 2 x 128 lanes, 126 padding
+    pytest.param(jnp.bfloat16, "global", 4, 1, 3, marks=pytest.mark.slow),
+    # plain SSA, the whole map one group; 2 x 128 lanes, 126 padding
+    pytest.param(jnp.bfloat16, None, None, 2, 130, marks=pytest.mark.slow),
 ])
 def test_kernel_is_the_xla_attention_forward_and_backward(dtype, kind, stride, heads, batch):
   """Scores, the attention neuron (clip, blend and quantizer ends of alpha), values and every
@@ -59,6 +60,7 @@ def test_kernel_is_the_xla_attention_forward_and_backward(dtype, kind, stride, h
       assert all(float(jnp.abs(t)) > 0 for t in theirs_vjp(g)[3:])
 
 
+@pytest.mark.slow
 def test_the_network_uses_the_kernel_in_training_only():
   """attention_kernel='interpret' puts the kernel into training's quantize mode (traced alpha), one
   forward and one backward call per attention part; evaluation (static alpha = 1, exact grids) and
@@ -82,6 +84,7 @@ def test_the_network_uses_the_kernel_in_training_only():
     models.arch_config("ge2mst_tiny", attention_kernel="triton")
 
 
+@pytest.mark.slow
 def test_kernel_runs_on_each_devices_images_under_a_mesh():
   """With a mesh in context the kernel runs under shard_map on each device's share of the batch:
   no gather of the batch (XLA cannot split a kernel), the same outputs and gradients, and the

@@ -9,6 +9,8 @@ import pytest
 from tests import cpu
 from tests.test_train import ROOT
 
+pytestmark = pytest.mark.slow   # processes, buckets and long runs: the full suite only
+
 MACHINE_KEYS = {"benchmark", "date", "machine", "processor", "cpu_count", "device_kind", "device_count", "platform",
                 "jax", "flax", "python", "smoke", "rows"}
 ROW_KEYS = {

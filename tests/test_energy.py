@@ -83,6 +83,7 @@ def tiny():
   return model
 
 
+@pytest.mark.slow
 def test_zero_input_gives_zero_sops_and_energy_is_0_9_pj(tiny):
   # all-zero images still excite neurons through BN biases; feeding zero *spikes* must cost nothing
   layer = blocks.SynapticConv(4, 4, 3, rngs=nnx.Rngs(0))
@@ -112,6 +113,7 @@ def test_dense_macs_are_those_of_the_quantize_mode_forward(tiny):
   assert {k: rep[k] for k in shapes_only} == shapes_only
 
 
+@pytest.mark.slow
 def test_sops_scale_with_batch_as_documented(tiny):
   """Layers sow batch totals; the report divides by the batch: duplicated images, same per-image SOPs."""
   x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))

@@ -41,6 +41,7 @@ def trained(tmp_path_factory):
   return cfg, workdir, out
 
 
+@pytest.mark.slow
 def test_report_has_every_key_and_matches_training(trained, tmp_path):
   cfg, workdir, out = trained
   rep = evaluation.evaluate_checkpoint(cfg, os.path.join(workdir, "checkpoints"), energy_images=16, audit=True)
@@ -70,6 +71,7 @@ def test_report_has_every_key_and_matches_training(trained, tmp_path):
   assert "## Spike audit" in open(files["md"]).read()
 
 
+@pytest.mark.slow
 def test_evaluation_on_eight_devices_stays_data_parallel_in_both_modes(trained):
   """Each device evaluates its own images: spike mode's (T, B) steps fold batch-major
   (`blocks.fold_steps`), and no activation is gathered across devices."""
@@ -104,6 +106,7 @@ def test_load_export_round_trip_gives_identical_logits(trained, tmp_path):
     ge2mst_jax.load(tmp_path / "v9.safetensors")
 
 
+@pytest.mark.slow
 def test_a_loaded_or_exported_model_scores_its_evaluated_accuracy_from_raw_images(trained, tmp_path):
   """As a user in another pipeline: raw uint8 images as the data set ships them, the transform
   the checkpoint's config describes, the model: the accuracy the run evaluated."""
@@ -192,6 +195,7 @@ def test_damaged_and_missing_checkpoints_are_clear_errors(trained, tmp_path):
   assert "checkpoints/8" in r.stderr and "damaged" in r.stderr
 
 
+@pytest.mark.slow
 def test_finetune_start_reports_the_replaced_head(trained, tmp_path, capsys):
   _, workdir, _ = trained
   cfg = small_digits(8, **{"init_from.checkpoint": workdir})

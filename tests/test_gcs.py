@@ -22,6 +22,8 @@ from tests import faults
 from tests.test_models import both_modes
 from tests.test_train import small_digits
 
+pytestmark = pytest.mark.slow   # processes, buckets and long runs: the full suite only
+
 BUCKET = "ge2mst-test"
 
 

@@ -151,7 +151,12 @@ VARIANTS = {
 }
 
 
-@pytest.mark.parametrize("variant", sorted(VARIANTS))
+# The fast tier keeps one variant of spike == quantize (every kind of block, T=3, cheapest to compile).
+FAST_VARIANT = "tiny_exp_if_T3_fullconv"
+
+
+@pytest.mark.parametrize("variant", [v if v == FAST_VARIANT else pytest.param(v, marks=pytest.mark.slow)
+                                     for v in sorted(VARIANTS)])
 def test_spike_mode_equals_quantize_mode_float64(variant):
   """In exact arithmetic the two modes are one function: in float64 they agree to ~1e-15."""
   with jax.enable_x64(True):
@@ -178,6 +183,7 @@ def _distinct_matmul_precisions() -> tuple[str, ...]:
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.slow
 def test_spike_mode_predicts_what_quantize_mode_predicts(dtype):
   """Random eval-mode ge2mst_tiny networks, 3 seeds x 64 images: spike mode's predictions are
   quantize mode's, in float32 and in bfloat16 (>= 99 %; bf16 was ~72-96 % when BatchNorm was
@@ -282,6 +288,7 @@ def test_conv_kernel_grad_is_the_convolutions_kernel_gradient(k, stride, size):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.slow
 def test_network_gradients_are_the_same_with_tap_kernel_gradients_and_the_attention_kernel(dtype):
   """conv_kernel_grad='taps' (the CPU default) and 'conv' (TPU/GPU) train the same network: equal
   forward, equal gradients up to the order of float32 sums (bf16 kernels: up to one bf16 rounding
@@ -336,6 +343,7 @@ def test_depthwise_shifted_adds_have_the_grouped_convolutions_gradients(k, size,
                                  atol=tol * float(np.abs(np.asarray(theirs, np.float32)).max()))
 
 
+@pytest.mark.slow
 def test_depthwise_as_grouped_convolution_equals_shifted_adds():
   """depthwise='conv' (TPU/GPU) computes what 'shifts' (CPU) does, in both modes, and its spike
   mode still predicts quantize mode's; 'auto' picks 'shifts' on this CPU backend."""
@@ -350,6 +358,7 @@ def test_depthwise_as_grouped_convolution_equals_shifted_adds():
   np.testing.assert_allclose(out["conv"][0], out["shifts"][0], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_block_remat_gives_the_same_gradients_and_statistics():
   """remat='block' (recompute BatchNorm and neurons in the backward pass from the synaptic sums)
   changes what is stored, not what is computed: gradients and BatchNorm statistics are equal."""
@@ -367,6 +376,7 @@ def test_block_remat_gives_the_same_gradients_and_statistics():
   assert any(float(jnp.abs(g).max()) > 0 for g in grads["block"])
 
 
+@pytest.mark.slow
 def test_the_forward_context_decides_once_and_remat_keeps_its_decisions():
   """`Forward.of` decides whether neuron outputs lie on their grids (quantize mode at a static
   alpha >= 1); alpha is its only traced leaf, so a rematerialised block keeps the decision and an
@@ -520,6 +530,7 @@ def test_create_model_errors_and_shapes():
   assert nnx.eval_shape(lambda m: m(jnp.zeros((2, 32, 32, 3))), model).shape == (2, 7)
 
 
+@pytest.mark.slow
 def test_event_frame_adapter_model():
   model = models.create_model("ge2mst_tiny", 10, nnx.Rngs(0), event_frames=4)
   model.eval()

@@ -212,6 +212,7 @@ train_lib.train_and_evaluate(small_digits(8, watchdog_secs=5.0), sys.argv[1], qu
 """
 
 
+@pytest.mark.slow
 def test_a_host_that_stops_stepping_exits_for_a_restart(tmp_path):
   script = tmp_path / "hang.py"
   script.write_text(HANG.format(root=ROOT))
@@ -240,6 +241,7 @@ def test_an_edited_config_is_refused_naming_the_keys_and_nothing_moves(tmp_path)
   assert (tmp_path / "config.json").read_text() == saved_config
 
 
+@pytest.mark.slow
 def test_a_bad_override_on_an_existing_run_writes_nothing(tmp_path):
   cfg = small_digits(8, eval_modes=("quantize",))
   train_lib.train_and_evaluate(cfg, str(tmp_path), quiet=True)

@@ -3,6 +3,7 @@ import pathlib
 import re
 
 import jax
+import pytest
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -120,6 +121,7 @@ def test_equal_configs_share_the_step_and_later_edits_reach_no_built_program(mon
   assert [a[3] for a in calls] == [0.0]   # mix(images, labels, key, mixup, ...)
 
 
+@pytest.mark.slow
 def test_a_second_run_with_the_same_config_traces_no_step(tmp_path, monkeypatch):
   # The suite's most common training program (other tests' persistent-cache entry serves its
   # compile); train steps built before in this process are dropped, so the first run must trace.

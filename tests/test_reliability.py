@@ -21,6 +21,8 @@ from ge2mst_jax.train import loop as train_lib
 from tests import cpu, faults, waiting
 from tests.test_train import ROOT, SHALLOW_DEPTHS, read_metrics, small_digits
 
+pytestmark = pytest.mark.slow   # processes, buckets and long runs: the full suite only
+
 CLI_SMALL = [  # the tests' small digits network (tests.test_train.small_digits); async saves by default
     "--config.batch_size=32", "--config.data.image_size=16", "--config.model.arch.image_size=16",
     "--config.model.arch.widths=(8,16,16,32)", "--config.model.arch.heads=(1,1,1)",

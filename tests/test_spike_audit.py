@@ -18,6 +18,7 @@ def _audit(**arch):
   return spike_audit.audit(model, IMAGES)
 
 
+@pytest.mark.slow
 def test_default_spike_mode_is_spike_driven_and_its_sops_are_energys():
   """Every synaptic operation but the stem's has a spike operand; the attention products have
   two (step against step); SOPs counted from the operands equal energy.py's, layer by layer."""
@@ -36,6 +37,7 @@ def test_default_spike_mode_is_spike_driven_and_its_sops_are_energys():
   assert result["sops_match"]
 
 
+@pytest.mark.slow
 def test_code_integration_is_named_as_the_regrouping():
   result = _audit(spike_integration="code")
   assert result["unexpected"] == [] and result["spike_driven_ops"] == 0

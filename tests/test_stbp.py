@@ -103,6 +103,7 @@ def stbp_run(tmp_path_factory):
 
 
 @pytest.mark.xdist_group("stbp_run")
+@pytest.mark.slow
 def test_stbp_paradigm_trains_on_digits(stbp_run):
   _, workdir, out = stbp_run
   losses = [r["loss"] for r in read_metrics(workdir)]
@@ -111,6 +112,7 @@ def test_stbp_paradigm_trains_on_digits(stbp_run):
 
 
 @pytest.mark.xdist_group("stbp_run")
+@pytest.mark.slow
 def test_stbp_training_on_eight_devices_stays_data_parallel(stbp_run):
   """STBP's (T, B) steps fold batch-major into each layer: the train step only sums gradients."""
   cfg, _, out = stbp_run
@@ -121,6 +123,7 @@ def test_stbp_training_on_eight_devices_stays_data_parallel(stbp_run):
 
 
 @pytest.mark.xdist_group("stbp_run")
+@pytest.mark.slow
 def test_stbp_checkpoint_evaluates_with_its_energy_report(stbp_run, tmp_path):
   cfg, workdir, trained = stbp_run
   rep = evaluation.evaluate_checkpoint(cfg, str(workdir / "checkpoints"), energy_images=8)

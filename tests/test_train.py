@@ -68,6 +68,7 @@ def params_of(state):
   return jax.device_get(nnx.to_pure_dict(state)["model"])
 
 
+@pytest.mark.slow
 def test_short_digits_run_learns_and_evaluates_both_modes(tmp_path):
   # The tiny network's widths and image size (the learning rate is tuned to them), shallow.
   cfg = small_digits(40, small_net=False, **{"optimizer.lr": 0.2, "model.arch.depths": SHALLOW_DEPTHS})
@@ -92,6 +93,7 @@ def _run_steps(cfg, mesh, batches):
   return setup, state, losses
 
 
+@pytest.mark.slow
 def test_eight_devices_match_one_device_and_shard_parameters():
   assert jax.device_count() == 8
   # Early in a long run alpha is ~0: the activation is (nearly) ClipReLU, so the comparison
@@ -234,6 +236,7 @@ def test_digits_without_scikit_learn_is_a_one_line_error(monkeypatch):
   assert "\n" not in str(err.value)
 
 
+@pytest.mark.slow
 def test_tfds_cifar10_pipeline_and_training_on_mock_data(tmp_path):
   cfg = cifar10.get_config("tiny")
   cfg.batch_size, cfg.eval_batch_size, cfg.total_steps = 16, 16, 2
@@ -267,6 +270,7 @@ def test_tfds_imagenet_pipeline_shapes_on_mock_data():
   assert np.isfinite(b["image"]).all() and abs(float(b["image"].mean())) < 3
 
 
+@pytest.mark.slow
 def test_a_profile_of_two_steps_lands_in_the_work_directory_per_host(tmp_path):
   cfg = small_digits(8, eval_modes=("quantize",), **{"profile.after": 2, "profile.steps": 2})
   out = train_lib.train_and_evaluate(cfg, str(tmp_path), quiet=True)
