@@ -98,6 +98,7 @@ def test_zero_input_gives_zero_sops_and_energy_is_0_9_pj(tiny):
   assert all(0 <= r <= 1 for r in rep["firing_rates"].values()) and len(rep["firing_rates"]) > 20
 
 
+@pytest.mark.slow
 def test_dense_macs_are_those_of_the_quantize_mode_forward(tiny):
   """The report's MACs (the ANN the network is) are what a quantize-mode pass over the same images
   sows, not spike mode's: its classifier runs on each of the 4x4 tokens before pooling."""

@@ -139,6 +139,7 @@ NEWER_KEYS = ("eval_matmul_precision", "profile", "compile_cache_dir", "distribu
               "data.random_erasing_mode", "data.decode_in_workers", "data.read_threads", "data.eval_policy")
 
 
+@pytest.mark.slow
 def test_a_config_saved_before_newer_keys_loads_and_evaluates_with_their_defaults(trained, tmp_path):
   cfg, workdir, out = trained
   old = json.loads(saved_config.read(workdir).to_json())

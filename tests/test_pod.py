@@ -226,6 +226,7 @@ def test_a_host_that_stops_stepping_exits_for_a_restart(tmp_path):
 # ----------------------------------------------------------------------------
 # Restores that must not quarantine, configs that must not be written
 # ----------------------------------------------------------------------------
+@pytest.mark.slow
 def test_an_edited_config_is_refused_naming_the_keys_and_nothing_moves(tmp_path):
   cfg = small_digits(8, checkpoint_every=4, eval_modes=("quantize",))
   train_lib.train_and_evaluate(cfg, str(tmp_path), quiet=True)
