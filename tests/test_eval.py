@@ -175,6 +175,7 @@ def test_evaluation_sets_its_matmul_precision(precision):
   assert len(ops) > 20 and all(("HIGHEST" in l) == (precision == "highest") for l in ops)
 
 
+@pytest.mark.slow
 def test_damaged_and_missing_checkpoints_are_clear_errors(trained, tmp_path):
   _, workdir, _ = trained
   with pytest.raises(ckpt_lib.CheckpointError, match="Nothing to load at .*nowhere"):

@@ -90,6 +90,7 @@ def _probe(*args, **env):
 
 @pytest.mark.skipif(hp.plan("auto", {}, hp.glibc_version(), hp.thp_mode())[0] is None,
                     reason="no glibc >= 2.35 with transparent huge pages on this machine")
+@pytest.mark.slow
 def test_entry_point_re_executes_itself_once_with_the_tunable():
   starts, run, err = _probe("--flag=1")
   assert len(starts) == 2 and starts[0] == starts[1] == run[1]          # one exec, the same process
@@ -105,6 +106,7 @@ def test_entry_point_re_executes_itself_once_with_the_tunable():
 
 
 @pytest.mark.parametrize("script", ["train.py", "eval.py"])
+@pytest.mark.slow
 def test_help_of_the_entry_points_shows_the_flag(script):
   r = subprocess.run([sys.executable, os.path.join(ROOT, script), "--help"], capture_output=True, text=True,
                      cwd=ROOT, timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"})

@@ -418,6 +418,7 @@ def test_batchnorm_is_flax_batchnorm_op_for_op(dtype):
     assert not np.array_equal(results[1][3], jnp.zeros(6))   # the statistics did move
 
 
+@pytest.mark.slow
 def test_spike_mode_is_multiplication_free(monkeypatch):
   """Every synaptic layer and attention product in spike mode receives spike tensors only,
   and no neuron fires more than K times."""

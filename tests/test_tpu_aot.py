@@ -80,6 +80,7 @@ def test_tpu_aot_probe_compiles_tiny_model_for_v5e(tmp_path):
   assert 0 < block["hlo_hbm_bytes_per_image"] <= block["hbm_bytes_per_image"] < rows["train"]["hbm_bytes_per_image"]
 
 
+@pytest.mark.slow
 def test_a_block_range_outside_the_network_is_one_clear_line():
   """Checked on the network's shapes before libtpu starts: runs anywhere."""
   r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "tpu_aot.py"), "--smoke", "--blocks", "2:3:9"],
