@@ -10,8 +10,8 @@ Subpackages, each importing only those below it (tests/test_structure.py checks 
   spiking/   ExpG-IF and the LIF/STBP baseline: the neuron mathematics
   io/        paths, errors, saved configs, entry-point helpers
 
-Names are resolved on first use: `import ge2mst_jax.io.cli` (what train.py does before it
-re-executes itself) costs no JAX import, `create_model` costs the network only, and `load` /
+Names are resolved on first use: `import ge2mst_jax.io.hugepages` (what train.py does before
+it may re-execute itself) costs no JAX import, `create_model` costs the network only, and `load` /
 `export` bring in checkpointing when called.
 """
 import importlib

@@ -64,14 +64,14 @@ def load(path, step: int | None = None):
     raise CheckpointError(f"{path} is not a readable ge2mst_jax export ({e}).") from None
   if "config" not in meta:
     raise CheckpointError(f"{path} has no ge2mst_jax config in its metadata: was it written by export()?")
+  if meta.get("format") not in ("ge2mst_jax/1", EXPORT_FORMAT):   # before the config, which may be newer too
+    raise CheckpointError(f"{path} has export format {meta.get('format')!r}; this ge2mst_jax reads "
+                          f"'ge2mst_jax/1' and {EXPORT_FORMAT!r}: load it with the ge2mst_jax that wrote it.")
   cfg = saved_config.from_json(meta["config"])
   model = model_from_config(cfg)
   pure = nnx.restore_int_paths(traverse_util.unflatten_dict({k: jax.numpy.asarray(v) for k, v in flat.items()}, sep="/"))
-  if meta.get("format") == "ge2mst_jax/1":   # attention paths as they were before format 2
+  if meta["format"] == "ge2mst_jax/1":   # attention paths as they were before format 2
     pure = upgrade_legacy_tree(pure)
-  elif meta.get("format") != EXPORT_FORMAT:
-    raise CheckpointError(f"{path} has export format {meta.get('format')!r}; this ge2mst_jax reads "
-                          f"'ge2mst_jax/1' and {EXPORT_FORMAT!r}: load it with the ge2mst_jax that wrote it.")
   try:
     state = nnx.state(model)
     nnx.replace_by_pure_dict(state, pure)

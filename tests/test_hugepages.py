@@ -36,7 +36,8 @@ def test_plan_of_the_re_execution():
 def test_mode_from_the_command_line_before_the_flag_parser():
   assert hp.requested_mode([], {}) == "auto"
   assert hp.requested_mode(["--workdir", "w", "--huge_pages=off"], {}) == "off"
-  assert hp.requested_mode(["--huge_pages", "ON"], {}) == "on"
+  assert hp.requested_mode(["--huge_pages", "on"], {}) == "on"
+  assert hp.requested_mode(["--huge_pages=ON"], {}) is None                       # as absl's enum: lower case
   assert hp.requested_mode(["-huge_pages=off"], {}) == "off"                       # absl's one-dash form
   assert hp.requested_mode(["--huge_pages=on", "--huge_pages=off"], {}) == "off"  # the last wins, as in absl
   assert hp.requested_mode(["--", "--huge_pages=off"], {}) == "auto"              # not a flag after --
@@ -45,7 +46,9 @@ def test_mode_from_the_command_line_before_the_flag_parser():
   # the environment sets the default (0/1 as off/on); the flag wins
   assert hp.requested_mode([], {hp.ENV: "0"}) == "off"
   assert hp.requested_mode([], {hp.ENV: "off"}) == "off"
-  assert hp.requested_mode([], {hp.ENV: "1"}) == "on"
+  assert hp.requested_mode([], {hp.ENV: "1"}) == "auto"   # 1 meant "where it helps" before the flag
+  assert hp.requested_mode([], {hp.ENV: "yes"}) is None and "is not one of auto, on, off" in hp.env_problem({hp.ENV: "yes"})
+  assert hp.env_problem({hp.ENV: "off"}) is None and hp.env_problem({}) is None
   assert hp.requested_mode(["--huge_pages=auto"], {hp.ENV: "off"}) == "auto"
 
 

@@ -80,8 +80,9 @@ def eval_image(img: np.ndarray, image_size: int, policy: str, norm: str) -> np.n
 
 
 def eval_transform(cfg) -> Callable[[np.ndarray], np.ndarray]:
-  """The evaluation transform of a config (a run's `config.json`, or `load`'s second value):
-  a batch of raw uint8 images (N, H, W, C), C = 1 or 3, -> float32 (N, S, S, 3)."""
+  """The evaluation transform of a config (`saved_config.read` of a run's work directory, or
+  `load`'s second value): a batch of raw uint8 images (N, H, W, C), C = 1 or 3, -> float32
+  (N, S, S, 3)."""
   data = cfg.data if "data" in cfg else cfg
   if data.event_frames:
     raise ValueError("eval_transform is for images; event frames are normalised per sample by the pipeline.")

@@ -36,7 +36,7 @@ def instrumented_forward(model, images, mode: str = "spike"):
 
 
 def _unit(path: tuple) -> tuple[str, str, str]:
-  """(stage, block, layer) names of a stat path like ('stages','2','1','attn','q','conv','sops')."""
+  """(stage, block, layer) names of a stat path like ('stages','2','1','attn','q','sops')."""
   if path[0] == "stages":
     return f"stage{int(path[1]) + 1}", f"stage{int(path[1]) + 1}.block{path[2]}", ".".join(path[:-1])
   if path[0] in REAL_INPUT_LAYERS:

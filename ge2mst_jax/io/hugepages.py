@@ -68,9 +68,11 @@ def debugger_attached(modules=None) -> bool:
 
 def requested_mode(argv, environ) -> str | None:
   """The mode asked for: the last `--huge_pages=MODE` / `--huge_pages MODE` (one dash or two, up
-  to a `--`), else $GE2MST_HUGE_PAGES (`0`/`1` read as off/on), else 'auto'. None for a value
-  that is not a mode: the flag parser reports it, and nothing is re-executed meanwhile."""
-  mode = {"0": "off", "1": "on"}.get(environ.get(ENV, ""), environ.get(ENV, "") or "auto")
+  to a `--`), else $GE2MST_HUGE_PAGES (`0`/`1` read as off/auto, the variable's meaning before the
+  flag), else 'auto'. None for a value that is not a mode (the modes are lower case, as the flag
+  parsers take them): the flag parser reports a bad flag, `env_problem` a bad variable, and
+  nothing is re-executed meanwhile."""
+  mode = {"0": "off", "1": "auto"}.get(environ.get(ENV, ""), environ.get(ENV, "") or "auto")
   args = list(argv)
   for i, arg in enumerate(args):
     if arg == "--":
@@ -79,7 +81,15 @@ def requested_mode(argv, environ) -> str | None:
     if not arg.startswith("-") or name != FLAG:
       continue
     mode = value if eq else (args[i + 1] if i + 1 < len(args) else "")
-  return mode.lower() if mode.lower() in MODES else None
+  return mode if mode in MODES else None
+
+
+def env_problem(environ) -> str | None:
+  """A one-line note when $GE2MST_HUGE_PAGES holds something that is not a mode."""
+  value = environ.get(ENV, "")
+  if value and value not in MODES + ("0", "1"):
+    return f"{ENV}={value!r} is not one of {', '.join(MODES)} (or 0/1): huge pages stay off."
+  return None
 
 
 def plan(mode: str | None, environ, glibc_version: tuple | None, thp_mode: str | None,
@@ -128,6 +138,8 @@ def reexec_with_huge_pages() -> None:
   if not sys.platform.startswith("linux") or any(a in HELP_ARGS for a in sys.argv[1:]):
     return
   mode = requested_mode(sys.argv[1:], os.environ)
+  if (problem := env_problem(os.environ)) and f"--{FLAG}" not in " ".join(sys.argv[1:]):
+    print(f"{os.path.basename(sys.argv[0]) or 'python'}: huge pages: {problem}", file=sys.stderr, flush=True)
   env, why = plan(mode, os.environ, glibc_version(), thp_mode(), accelerator_expected(os.environ),
                   debugger_attached())
   prog = os.path.basename(sys.argv[0]) or "python"

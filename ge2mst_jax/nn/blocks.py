@@ -42,7 +42,7 @@ def make_neuron(paradigm: str = "expg", lif: dict | None = None, **expg):
 
 
 def name_layers(network: nnx.Module, kinds: tuple) -> None:
-  """Gives every module of `kinds` in `network` its path ('stages.2.1.attn.q.conv', the name
+  """Gives every module of `kinds` in `network` its path ('stages.2.1.attn.q', the name
   energy reports use) as the `jax.named_scope` of its operations: traced programs, profiles and
   the spike audit then say which layer an operation belongs to."""
   for path, module in nnx.iter_graph(network):

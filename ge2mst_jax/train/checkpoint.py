@@ -10,7 +10,7 @@ A checkpoint step is a directory of three items, each in orbax's standard format
   format/         a small JSON: `{"version": 2, "state": ["model", "optimizer"]}`.
   data_position/  a small JSON: how many records each process has read, with the process count,
                   so that a run restored on another number of hosts continues at the same place
-                  (see `data.resume_records`).
+                  (see `data.pipeline.resume_records`).
 
 `best/` holds the best evaluated step's `state` and `format` alike. Format 1 (steps without a
 `format` item) stored the state positionally, `state/0` the model and `state/1` the optimizer, and

@@ -2,7 +2,7 @@
 
 Read `train_and_evaluate` top to bottom: checks, the work directory's lease, the state (fresh
 or restored), the input at its saved position, the loop, the final save and evaluation. Model
-and optimizer set-up is `train_state.py`, the evaluator `evaluators.py`, mixup/cutmix
+and optimizer set-up is `state.py`, the evaluator `evaluator.py`, mixup/cutmix
 `mixing.py`, the lease, preemption and watchdog `run_control.py`.
 """
 from __future__ import annotations
@@ -64,7 +64,7 @@ def make_train_step(cfg, setup: TrainSetup):
     model, opt = model_and_optimizer(graphdef, state)
     step = opt.step[...]
     # An array even where the schedule is a Python 1.0 ('constant'): a static alpha would take
-    # evaluation's exact-grid path (neurons.static_alpha) instead of training's.
+    # evaluation's exact-grid path (forward.Forward.on_grid) instead of training's.
     alpha = jnp.asarray(alpha_fn(step), jnp.float32)
     labels = optax.smooth_labels(jax.nn.one_hot(batch["label"], num_classes), smoothing)
     images, labels = mixing.mix(batch["image"], labels, jax.random.fold_in(aug_key, step), cfg.mixup, cfg.cutmix,
@@ -113,7 +113,12 @@ def validate_config(cfg, mesh) -> None:
   if not 0 < cfg.lease.heartbeat_secs < cfg.lease.timeout_secs:
     raise ValueError(f"lease.heartbeat_secs={cfg.lease.heartbeat_secs} must be > 0 and below "
                      f"lease.timeout_secs={cfg.lease.timeout_secs}.")
-  arch_from_config(cfg)   # the network's own errors (model.arch), before anything is built
+  arch = arch_from_config(cfg)   # the network's own errors (model.arch), before anything is built
+  # One FieldReference each in a config from configs/, but not in one whose arch was replaced whole.
+  for key in ("image_size", "event_frames"):
+    if getattr(arch, key) != cfg.data[key]:
+      raise ValueError(f"model.arch.{key}={getattr(arch, key)} differs from data.{key}={cfg.data[key]}: set both "
+                       f"to the same value.")
   alpha_schedule_of(cfg)   # its kind and ramp_end
   profiling.check(cfg)
   data_lib.check_data(cfg.data)
@@ -150,7 +155,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir, quiet: bool = Fa
     if jax.process_index() == 0:
       saved_config.save(cfg, wd)  # only now: a refused restore leaves the run's config as it was
 
-    # ---- Input, resumed at the saved position (also on another host count: data.resume_records).
+    # ---- Input, resumed at the saved position (also on another host count: pipeline.resume_records).
     n_train = data_lib.num_examples(cfg.data, "train")
     local_bs = data_lib.local_batch_size(cfg.batch_size)
     records = data_lib.resume_records(position, n_train, start * local_bs)
