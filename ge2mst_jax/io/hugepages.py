@@ -56,7 +56,7 @@ DEBUGGER_MODULES = ("bdb", "pydevd", "debugpy")  # pdb and IPython's debugger, P
 
 def debugger_attached(modules=None) -> bool:
   """A debugger (pdb, debugpy, an IDE's, IPython) runs this process: re-executing it would drop
-  the session and its breakpoints. Its module is loaded even while it traces nothing (pdb after
+  the debugger and its breakpoints. Its module is loaded even while it traces nothing (pdb after
   `continue` with no breakpoint); an entry point imports none of these itself before this runs."""
   if any(m in (sys.modules if modules is None else modules) for m in DEBUGGER_MODULES):
     return True
