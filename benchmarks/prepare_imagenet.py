@@ -6,12 +6,12 @@ JPEGs of ImageNet's typical size, in tfds' manual-dir layout.
   python benchmarks/prepare_imagenet.py --smoke         # checks the script runs
 
 The tars are written to a temporary directory first (not timed): `--distinct` photograph-like
-JPEGs (quality 90, sides 333..500 px, about 110 KB as ImageNet's average) repeated over the
+JPEGs (quality 90, sides 333..500 px, about 85 KB; ImageNet's average is about 110 KB) repeated over the
 images, in class tars of `--images / --classes` each. Each row is one preparation from scratch
 with `workers` processes: the index of the tars, the shards and the metadata. `images_per_s_per_core`
 is images per CPU-second of this process and its workers (what a host with more cores multiplies);
 `imagenet_hours` is the full set (1 281 167 + 50 000 images) at the row's wall-clock rate. The tars
-are read from the page cache here: a machine that reads ImageNet's 147 GB from disk may be bound
+are read from the page cache here: a machine that reads ImageNet's 145 GB from disk may be bound
 by the disk instead.
 """
 import io
