@@ -14,6 +14,7 @@ split are the set's metadata.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import os
 import re
@@ -73,10 +74,15 @@ def find_recordings(manual_dir: epath.Path, classes=CLASSES) -> dict[str, tuple[
   return found
 
 
+@functools.lru_cache(maxsize=len(CLASSES))
+def _zip(path: str) -> zipfile.ZipFile:
+  """A class zip, opened once per worker: its directory lists a thousand members."""
+  return zipfile.ZipFile(path)
+
+
 def read_recording(container: str, member: str) -> bytes:
   if member:
-    with zipfile.ZipFile(container) as z:
-      return z.read(member)
+    return _zip(container).read(member)
   return epath.Path(container).read_bytes()
 
 

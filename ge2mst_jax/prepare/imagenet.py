@@ -48,19 +48,22 @@ def index_split(manual_dir: epath.Path, split: str, synsets: list[str]) -> dict[
   """{'name', 'label', 'offset', 'size'} of every image of `split`, sorted by file name."""
   path = manual_dir / TARS[split]
   size = path.stat().length
-  rows = []
   with path.open("rb") as f, path.open("rb") as inner:
-    for m in _members(path, f, size):
-      if split != "train":
-        rows.append((m.name, -1, m.offset_data, m.size))
-        continue
-      synset = m.name[:-4]
-      if not m.name.endswith(".tar") or synset not in synsets:
-        raise DataError(f"{path} holds {m.name}, which is not a synset's tar (n########.tar): it is not "
-                        f"{TARS['train']}; download that file.")
-      inner.seek(m.offset_data)
-      label = synsets.index(synset)
-      rows += [(i.name, label, i.offset_data, i.size) for i in _members(path, inner, m.offset_data + m.size)]
+    members = _members(path, f, size)
+    if split != "train":
+      rows = [(m.name, -1, m.offset_data, m.size) for m in members]
+    else:
+      rows, bar = [], writer.progress(len(members), f"indexing {TARS[split]}", unit="class tars")
+      for m in members:
+        synset = m.name[:-4]
+        if not m.name.endswith(".tar") or synset not in synsets:
+          raise DataError(f"{path} holds {m.name}, which is not a synset's tar (n########.tar): it is not "
+                          f"{TARS['train']}; download that file.")
+        inner.seek(m.offset_data)
+        label = synsets.index(synset)
+        rows += [(i.name, label, i.offset_data, i.size) for i in _members(path, inner, m.offset_data + m.size)]
+        bar.update(1)
+      bar.close()
   if not rows:
     raise DataError(f"{path} holds no images: download {TARS[split]} again.")
   rows.sort()
@@ -138,7 +141,6 @@ class ImageNet(writer.Recipe):
       synsets = self.features()["label"].names
       flat = {}
       for split in self.splits():
-        print(f"imagenet2012: indexing {TARS[split]}", flush=True)
         flat.update({f"{split}/{k}": v for k, v in index_split(manual, split, synsets).items()})
       tmp = scratch / (INDEX + ".tmp")
       with tmp.open("wb") as f:

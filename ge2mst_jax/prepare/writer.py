@@ -109,11 +109,11 @@ def _read_record(directory: epath.Path) -> dict | None:
   return json.loads(f.read_text()) if f.exists() else None
 
 
-def _progress(total: int, initial: int, desc: str):
+def progress(total: int, desc: str, initial: int = 0, unit: str = "examples"):
   """A progress bar on a terminal; otherwise a plain line at every tenth of the way."""
   from tqdm import tqdm
   if sys.stderr.isatty():
-    return tqdm(total=total, initial=initial, desc=desc, unit="ex", smoothing=0.05)
+    return tqdm(total=total, initial=initial, desc=desc, unit=" " + unit, smoothing=0.05)
 
   class Lines:
     def __init__(self):
@@ -122,7 +122,7 @@ def _progress(total: int, initial: int, desc: str):
     def update(self, k):
       self.n += k
       if self.n * 10 >= self.next * total:
-        print(f"{desc}: {self.n}/{total} examples", flush=True)
+        print(f"{desc}: {self.n}/{total} {unit}", flush=True)
         self.next = self.n * 10 // max(total, 1) + 1
 
     def close(self):
@@ -162,7 +162,7 @@ def prepare(recipe: Recipe, data_dir: str, workers: int | None = None) -> epath.
     raise
   todo = [s for s in shards if not shard_path(recipe, work, s).exists()]
   total = sum(s.examples for s in shards)
-  bar = _progress(total, total - sum(s.examples for s in todo), f"{recipe.name}")
+  bar = progress(total, recipe.name, initial=total - sum(s.examples for s in todo))
   workers = (os.cpu_count() or 1) if workers is None else workers
   done = len(shards) - len(todo)
   try:
