@@ -74,7 +74,7 @@ def read_tarball(path: epath.Path, layout: Layout) -> dict[str, dict]:
 
 
 @dataclasses.dataclass
-class Cifar(writer.Recipe):
+class Cifar(writer.OfficialRecipe):
   name: str
   manual_dir: str
   shard_size: int = SHARD
@@ -84,19 +84,6 @@ class Cifar(writer.Recipe):
   @property
   def layout(self) -> Layout:
     return LAYOUTS[self.name]
-
-  def _builder(self):
-    import tensorflow_datasets as tfds
-    return tfds.builder(self.name, file_format="array_record")
-
-  def features(self):
-    return self._builder().info.features
-
-  def info(self, features):
-    info = self._builder().info
-    for feature, names in self.names.items():
-      info.features[feature].names = names
-    return info
 
   def plan(self, scratch: epath.Path) -> list[writer.Shard]:
     path = epath.Path(self.manual_dir) / self.layout.tarball

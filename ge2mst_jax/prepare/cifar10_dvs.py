@@ -114,7 +114,7 @@ class Cifar10Dvs(writer.Recipe):
         "file_name": tfds.features.Text(),
     })
 
-  def info(self, features):
+  def info(self, features, data_dir):
     import tensorflow_datasets as tfds
     from tensorflow_datasets.core import dataset_info, file_adapters, utils
     identity = dataset_info.DatasetIdentity(name=self.name, version=utils.Version(self.version), data_dir="",

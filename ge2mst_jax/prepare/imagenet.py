@@ -110,21 +110,12 @@ def fix_image(name: str, data: bytes, path) -> bytes:
 
 
 @dataclasses.dataclass
-class ImageNet(writer.Recipe):
+class ImageNet(writer.OfficialRecipe):
   manual_dir: str
   shard_size: int = SHARD
   name: str = "imagenet2012"
   version: str = "5.1.0"
-
-  def _builder(self):
-    import tensorflow_datasets as tfds
-    return tfds.builder(self.name, file_format="array_record")
-
-  def features(self):
-    return self._builder().info.features
-
-  def info(self, features):
-    return self._builder().info
+  names: dict = dataclasses.field(default_factory=dict)   # none to set: the builder lists the synsets
 
   def splits(self) -> list[str]:
     manual = epath.Path(self.manual_dir)

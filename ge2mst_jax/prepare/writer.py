@@ -45,8 +45,9 @@ class Recipe:
     """The `tfds.features.FeaturesDict`."""
     raise NotImplementedError
 
-  def info(self, features):
-    """The `tfds.core.DatasetInfo` to write (splits are added here)."""
+  def info(self, features, data_dir: epath.Path):
+    """The `tfds.core.DatasetInfo` to write (splits are added here); `data_dir` holds no set of
+    this name and version yet (an official builder's info is read from there if it does)."""
     raise NotImplementedError
 
   def options(self) -> dict:
@@ -60,6 +61,25 @@ class Recipe:
   def examples(self, payload) -> Iterator[tuple[Any, dict]]:
     """(key, example) pairs of one shard, in order (run in a worker)."""
     raise NotImplementedError
+
+
+class OfficialRecipe(Recipe):
+  """A set tfds has a builder for: features and metadata are the builder's, so the two are
+  interchangeable."""
+  names: dict      # feature -> class names known only from the downloaded files ({} if none)
+
+  def _builder(self, data_dir=None):
+    import tensorflow_datasets as tfds
+    return tfds.builder(self.name, data_dir=data_dir, file_format="array_record")
+
+  def features(self):
+    return self._builder().info.features
+
+  def info(self, features, data_dir: epath.Path):
+    info = self._builder(data_dir).info
+    for feature, names in self.names.items():
+      info.features[feature].names = names
+    return info
 
 
 def split_evenly(items: list, num_shards: int) -> list[list]:
@@ -183,7 +203,7 @@ def prepare(recipe: Recipe, data_dir: str, workers: int | None = None) -> epath.
   bar.close()
 
   features = recipe.features()
-  info = recipe.info(features)
+  info = recipe.info(features, root)
   split_infos = []
   for split in dict.fromkeys(s.split for s in shards):
     mine = sorted((s for s in shards if s.split == split), key=lambda s: s.index)
