@@ -124,6 +124,7 @@ class ImageNet(writer.OfficialRecipe):
 
   def plan(self, scratch: epath.Path) -> list[writer.Shard]:
     manual = epath.Path(self.manual_dir)
+    splits = self.splits()          # also on a rerun: the tars must still be there
     index_file = scratch / INDEX
     if index_file.exists():
       with index_file.open("rb") as f:
@@ -131,7 +132,7 @@ class ImageNet(writer.OfficialRecipe):
     else:
       synsets = self.features()["label"].names
       flat = {}
-      for split in self.splits():
+      for split in splits:
         flat.update({f"{split}/{k}": v for k, v in index_split(manual, split, synsets).items()})
       tmp = scratch / (INDEX + ".tmp")
       with tmp.open("wb") as f:
