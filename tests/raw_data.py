@@ -60,11 +60,11 @@ def cifar_tarball(manual_dir: str, name: str, train: int, test: int, seed: int =
 
 
 def imagenet_manual_dir(manual_dir: str, per_class: dict[str, int], validation: int, seed: int = 0,
-                        cmyk: str | None = None) -> dict[str, tuple[str, bytes]]:
+                        cmyk: str | None = None, png: str | None = None) -> dict[str, tuple[str, bytes]]:
   """`ILSVRC2012_img_train.tar` (a tar of `SYNSET.tar`s of `SYNSET_i.JPEG`), `ILSVRC2012_img_val.tar`
   (`ILSVRC2012_val_%08d.JPEG`) and `validation_labels.txt` (the val images' synsets, sorted by
-  name). `cmyk`: a training file name (e.g. one of tfds' CMYK list) written as a CMYK JPEG.
-  Returns {file name: (synset, JPEG bytes)}."""
+  name). `cmyk`, `png`: training file names (e.g. from tfds' lists) written as a CMYK JPEG and
+  as a PNG. Returns {file name: (synset, file bytes)}."""
   rng = np.random.default_rng(seed)
   synsets = sorted(per_class)
   files = {}
@@ -72,9 +72,12 @@ def imagenet_manual_dir(manual_dir: str, per_class: dict[str, int], validation: 
   def jpeg(name, synset):
     h, w = (int(v) for v in rng.integers(40, 90, 2))
     img = jpeg_records.synthetic_photo(rng, h, w)
-    if name == cmyk:
+    if name in (cmyk, png):
       buf = io.BytesIO()
-      Image.fromarray(img).convert("CMYK").save(buf, format="JPEG", quality=90)
+      if name == cmyk:
+        Image.fromarray(img).convert("CMYK").save(buf, format="JPEG", quality=90)
+      else:
+        Image.fromarray(img).save(buf, format="PNG")
       data = buf.getvalue()
     else:
       data = jpeg_records.encode_jpeg(img)
@@ -86,7 +89,7 @@ def imagenet_manual_dir(manual_dir: str, per_class: dict[str, int], validation: 
     for synset in synsets:
       buf = io.BytesIO()
       with tarfile.open(fileobj=buf, mode="w") as inner:
-        names = [cmyk] if cmyk and cmyk.startswith(synset) else []
+        names = [n for n in (cmyk, png) if n and n.startswith(synset)]
         names += [f"{synset}_{i}.JPEG" for i in range(per_class[synset] - len(names))]
         for name in names:
           _add(inner, name, jpeg(name, synset))

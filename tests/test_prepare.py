@@ -81,16 +81,17 @@ def test_cifar_config_trains_and_evaluates_on_the_prepared_set(cifar_sets, name,
 # ImageNet
 # ----------------------------------------------------------------------------
 CMYK = "n01739381_1309.JPEG"   # on tfds' list of ILSVRC2012's CMYK JPEGs
+PNG = "n02105855_2933.JPEG"    # tfds' one PNG named .JPEG
 PER_CLASS = {"n01440764": 4, "n01739381": 3, "n02105855": 3}
 
 
 @pytest.fixture(scope="module")
 def imagenet_downloads(tmp_path_factory):
   d = tmp_path_factory.mktemp("imagenet") / "downloads"
-  return str(d), raw_data.imagenet_manual_dir(str(d), PER_CLASS, validation=5, cmyk=CMYK)
+  return str(d), raw_data.imagenet_manual_dir(str(d), PER_CLASS, validation=5, cmyk=CMYK, png=PNG)
 
 
-def test_imagenet_keeps_the_jpegs_fixes_cmyk_and_reads_through_the_imagenet_pipeline(imagenet_downloads, tmp_path):
+def test_imagenet_keeps_the_jpegs_fixes_cmyk_and_png_and_reads_through_the_imagenet_pipeline(imagenet_downloads, tmp_path):
   manual, files = imagenet_downloads
   writer.prepare(imagenet.ImageNet(manual, shard_size=4), str(tmp_path), workers=1)
   synsets = tfds.builder("imagenet2012").info.features["label"].names
@@ -105,9 +106,12 @@ def test_imagenet_keeps_the_jpegs_fixes_cmyk_and_reads_through_the_imagenet_pipe
   assert sorted(seen) == sorted(files)
   for name, (synset, data) in seen.items():
     assert synset == files[name][0]
-    if name == CMYK:
-      with Image.open(io.BytesIO(data)) as im:
-        assert (im.format, im.mode) == ("JPEG", "RGB")
+    if name in (CMYK, PNG):
+      with Image.open(io.BytesIO(data)) as im, Image.open(io.BytesIO(files[name][1])) as raw:
+        assert (im.format, im.mode) == ("JPEG", "RGB") and (raw.format, raw.mode) != ("JPEG", "RGB")
+        # The same picture (JPEG's chroma subsampling blurs the colour grain of these test images).
+        fixed, orig = np.asarray(im, np.float32), np.asarray(raw.convert("RGB"), np.float32)
+        assert np.abs(fixed - orig).mean() < 20 and np.abs(fixed.mean((0, 1)) - orig.mean((0, 1))).max() < 2
     else:
       assert data == files[name][1]    # the JPEG bytes as they were
   # Training shards hold the classes mixed: any contiguous part (one host's share) sees several.

@@ -157,5 +157,6 @@ class Cifar10Dvs(writer.Recipe):
   def examples(self, payload):
     for identity, (container, member) in payload:
       where = f"{container}:{member}" if member else container
-      frames = events.integrate(events.parse_aedat(read_recording(container, member), where), self.frames, self.size)
+      frames = events.integrate(events.parse_aedat(read_recording(container, member), where), self.frames,
+                                self.size, where)
       yield identity, {"image": frames, "label": CLASSES.index(identity.split("/")[0]), "file_name": identity}

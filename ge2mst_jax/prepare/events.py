@@ -57,17 +57,17 @@ def split_by_number(n: int, frames: int) -> np.ndarray:
   return bounds
 
 
-def integrate(events: dict[str, np.ndarray], frames: int, size: int = SENSOR) -> np.ndarray:
+def integrate(events: dict[str, np.ndarray], frames: int, size: int = SENSOR, name: str = "A recording") -> np.ndarray:
   """[frames, size, size, 2] uint16 event counts (channel 0 OFF, 1 ON), split by number.
 
   `size` divides the sensor's 128: each output pixel is the sum of a block of sensor pixels,
-  so counts stay counts at any size.
+  so counts stay counts at any size. `name` names the recording in errors.
   """
   if SENSOR % size:
     raise DataError(f"Frame size {size} does not divide the sensor's {SENSOR} pixels: use one of 128, 64, 32, 16.")
   n = len(events["t"])
   if n < frames:
-    raise DataError(f"A recording of {n} events cannot be split into {frames} frames: lower --frames.")
+    raise DataError(f"{name} holds {n} events, too few for {frames} frames: lower --frames.")
   scale = SENSOR // size
   frame = np.repeat(np.arange(frames), np.diff(split_by_number(n, frames)))
   y, x = events["y"].astype(np.int64) // scale, events["x"].astype(np.int64) // scale
