@@ -23,6 +23,7 @@ ROW_KEYS = {
                   "flops_per_image", "sops_over_flops", "evaluator_images_per_s", "forwards_images_per_s",
                   "evaluator_over_forwards"},
     "input_pipeline": {"stage", "batch", "images_per_s", "vs_train_step"},
+    "prepare_imagenet": {"stage", "workers", "images", "images_per_s", "images_per_s_per_core", "imagenet_hours"},
 }
 
 
