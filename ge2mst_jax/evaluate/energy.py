@@ -129,6 +129,41 @@ def _stats_by_layer(flat: dict) -> dict[str, dict[str, float]]:
   return out
 
 
+def conv_counts(conv: SynapticConv, spike: dict, dense: dict, batch: int, T: int, pre: ExpGIF) -> dict:
+  """A synaptic layer's counts per image: `spike`/`dense` are its stats of a spike-mode pass over
+  `batch` images and of the quantize-mode network on one (`_stats_by_layer`); `pre` its presynaptic neuron."""
+  k, _, cin_g, _ = conv.kernel.shape
+  fan_in = k * k * cin_g
+  outputs, ann_outputs = spike["macs"] / fan_in, dense["macs"] / fan_in
+  inputs = spike["inputs"] / batch
+  return {"kind": "conv", "T": T, "sops": spike["sops"] / batch, "in_spikes": spike["in_spikes"] / batch,
+          "inputs": inputs, "outputs": outputs, "macs": dense["macs"], "ann_outputs": ann_outputs,
+          # the quantized ANN reads what it computes on: the classifier's pooled tokens, not every token
+          "ann_inputs": inputs * ann_outputs / outputs, "weights": float(np.prod(conv.kernel.shape)),
+          "in_signed": bool(pre.symmetric), "in_bits": _activation_bits(pre)}
+
+
+def product_counts(spike: dict, dense: dict, batch: int, T: int, a: ExpGIF, b: ExpGIF, scores: bool) -> dict:
+  """An attention product's counts per image (`conv_counts`' arguments); `a`, `b`: the neurons
+  that emit its operands; `scores`: its outputs are the score map (Q K^T)."""
+  out = {"kind": "product", "T": T, "scores": scores, "sops": spike["sops"] / batch,
+         "outputs": spike["outputs"] / batch, "macs": dense["macs"], "ann_outputs": dense["outputs"]}
+  for o, n in (("a", a), ("b", b)):
+    out.update({f"{o}_inputs": spike[f"{o}_inputs"] / batch, f"{o}_spikes": spike[f"{o}_in_spikes"] / batch,
+                f"{o}_signed": bool(n.symmetric), f"{o}_bits": _activation_bits(n)})
+  return out
+
+
+def neuron_counts(neuron: ExpGIF, spike: dict, batch: int) -> dict:
+  """An ExpG-IF layer's counts per image."""
+  return {"kind": "neuron", "T": neuron.T, "neurons": spike["neurons"] / batch, "spikes": spike["spike_count"] / batch,
+          "levels": len(expg_levels(neuron.T, neuron.K).codes), "symmetric": bool(neuron.symmetric)}
+
+
+def _activation_bits(neuron: ExpGIF) -> int:
+  return hardware.activation_bits(len(expg_levels(neuron.T, neuron.K).codes), neuron.symmetric)
+
+
 def layer_counts(model, flat_spike: dict, flat_dense: dict, batch: int, image_shape) -> dict[str, dict]:
   """Per image and layer, in network order, every count the hardware energy models price
   (`hardware.terms`): from one spike-mode pass (`flat_spike`, batch totals but MACs) and the
@@ -136,44 +171,30 @@ def layer_counts(model, flat_spike: dict, flat_dense: dict, batch: int, image_sh
   spike, dense = _stats_by_layer(flat_spike), _stats_by_layer(flat_dense)
   T = model.cfg.T
   modules = {".".join(map(str, p)): m for p, m in nnx.iter_graph(model)}
-  bits = lambda n: hardware.activation_bits(len(expg_levels(n.T, n.K).codes), n.symmetric)
   counts, pixels = {}, float(np.prod(image_shape))
   for name, m in modules.items():
     if not isinstance(m, (ExpGIF, SpikingAttention, SynapticConv)):
       continue
     where = dict(zip(("stage", "block"), _unit(tuple(name.split(".")) + ("",))[:2]))
     if isinstance(m, ExpGIF) and name in spike:
-      counts[name] = {"kind": "neuron", **where, "T": T, "neurons": spike[name]["neurons"] / batch,
-                      "spikes": spike[name]["spike_count"] / batch,
-                      "levels": len(expg_levels(m.T, m.K).codes), "symmetric": bool(m.symmetric)}
+      counts[name] = {**neuron_counts(m, spike[name], batch), **where}
     elif isinstance(m, SpikingAttention):
       # The operands' neurons: Q K^T of two symmetric trains, A V of the attention's (binary) and V's.
       for prod, (a, b) in (("qk", (m.q_if, m.k_if)), ("av", (m.attn_if, m.v_if))):
-        st, dn = spike[f"{name}.{prod}"], dense[f"{name}.{prod}"]
-        counts[f"{name}.{prod}"] = {
-            "kind": "product", **where, "T": T, "scores": prod == "qk", "sops": st["sops"] / batch,
-            "outputs": st["outputs"] / batch, "macs": dn["macs"], "ann_outputs": dn["outputs"],
-            **{f"{o}_{k}": v for o, n in (("a", a), ("b", b)) for k, v in (
-                ("inputs", st[f"{o}_inputs"] / batch), ("spikes", st[f"{o}_in_spikes"] / batch),
-                ("signed", bool(n.symmetric)), ("bits", bits(n)))}}
+        p = f"{name}.{prod}"
+        counts[p] = {**product_counts(spike[p], dense[p], batch, T, a, b, prod == "qk"), **where}
     elif isinstance(m, SynapticConv) and name in dense:
-      k, _, cin_g, _ = m.kernel.shape
-      fan_in, weights = k * k * cin_g, float(np.prod(m.kernel.shape))
       if name.split(".")[0] in REAL_INPUT_LAYERS:
-        counts[name] = {"kind": "input", **where, "macs": dense[name]["macs"], "weights": weights,
-                        "outputs": dense[name]["macs"] / fan_in, "inputs": pixels}
-        pixels = dense[name]["macs"] / fan_in   # an adapter's output is the stem's input
+        k, _, cin_g, _ = m.kernel.shape
+        outputs = dense[name]["macs"] / (k * k * cin_g)
+        counts[name] = {"kind": "input", **where, "macs": dense[name]["macs"], "outputs": outputs,
+                        "weights": float(np.prod(m.kernel.shape)), "inputs": pixels}
+        pixels = outputs   # an adapter's output is the stem's input
         continue
-      st = spike[name]
       # The presynaptic neuron: an attention's projection reads its symmetric output neuron; every
       # other layer a block's or an SConv's (binary) neuron, all of the network's T and K.
       pre = modules[name.rpartition(".")[0]].out_if if name.endswith("attn.proj") else model.head_if
-      outputs, ann_outputs = st["macs"] / fan_in, dense[name]["macs"] / fan_in
-      counts[name] = {"kind": "conv", **where, "T": T, "sops": st["sops"] / batch,
-                      "in_spikes": st["in_spikes"] / batch, "inputs": st["inputs"] / batch, "outputs": outputs,
-                      "macs": dense[name]["macs"], "ann_outputs": ann_outputs,
-                      "ann_inputs": st["inputs"] / batch * ann_outputs / outputs, "weights": weights,
-                      "in_signed": bool(pre.symmetric), "in_bits": bits(pre)}
+      counts[name] = {**conv_counts(m, spike[name], dense[name], batch, T, pre), **where}
   return dict(sorted(counts.items(), key=lambda kv: _network_order(kv[0])))
 
 

@@ -27,6 +27,7 @@ MODELS = ("paper", "snn", "qann")
 TITLES = {"paper": "paper (arithmetic, 0.9 pJ/SOP)", "snn": "spiking, hardware model",
           "qann": "quantized ANN, hardware model"}
 ARITHMETIC, NEURON = "arithmetic", "neuron updates"
+CHEAPER = {"snn": "spiking", "qann": "quantized ANN", "same": "neither (equal)"}
 
 
 class Term(NamedTuple):
@@ -209,8 +210,7 @@ def markdown(result: dict, top: int = 0) -> str:
     tot = models[m]["total_pj"]
     lines += [f"| **total** | " + " | ".join(uj(tot.get(k, 0.0)) for k in cats) + f" | **{uj(sum(tot.values()))}** |", ""]
   snn, qann = models["snn"]["total_mj"], models["qann"]["total_mj"]
-  verdict = {"snn": "the spiking execution is cheaper", "qann": "the quantized ANN is cheaper", "same": "they cost the same"}
-  lines += [f"**In total {verdict[result['cheaper']]}**: spiking {snn * 1e3:,.3f} µJ, quantized ANN {qann * 1e3:,.3f} µJ "
+  lines += [f"**Cheaper in total: {CHEAPER[result['cheaper']]}**: spiking {snn * 1e3:,.3f} µJ, quantized ANN {qann * 1e3:,.3f} µJ "
             f"(ratio {snn / qann if qann else float('inf'):.2f}); the paper's convention says "
             f"{models['paper']['total_mj'] * 1e3:,.3f} µJ.", ""]
   n_snn = sum(v == "snn" for v in result["cheaper_per_layer"].values())
