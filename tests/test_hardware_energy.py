@@ -46,7 +46,7 @@ def test_one_by_one_conv_every_term_by_hand():
   spikes[0, 0, 0, 0, [0, 2]] = 1
   spikes[1, 0, 1, 1, 1] = 1
   spikes[1, 0, 1, 2, 0] = 1                        # 4 spikes, each reaching the 5 outputs of its token
-  spike = _stats(lambda m, x: m(x, Forward.of("spike", collect=True)), conv, SpikeTrain(jnp.asarray(spikes), 0.5))
+  spike = _stats(lambda m, x: m(x, Forward.of("spike", collect=True)), conv, SpikeTrain(jnp.asarray(spikes), jnp.float32(0.5)))
   dense = _stats(lambda m, x: m(x, Forward.of(collect=True)), conv, jnp.zeros((1, 2, 3, 3)))
   unit = energy.conv_counts(conv, spike, dense, 1, 2, _neuron())
   assert {k: unit[k] for k in ("sops", "in_spikes", "inputs", "outputs", "macs", "weights", "ann_inputs", "in_bits")} == {
@@ -74,7 +74,7 @@ def test_depthwise_three_by_three_counts_by_hand():
   spikes = np.zeros((1, 1, 4, 4, 2), np.float32)
   spikes[0, 0, 0, 0, 0] = 1      # a corner spike reaches 2x2 outputs of its channel
   spikes[0, 0, 1, 1, 1] = 1      # an interior one 3x3
-  spike = _stats(lambda m, x: m(x, Forward.of("spike", collect=True)), conv, SpikeTrain(jnp.asarray(spikes), 1.0))
+  spike = _stats(lambda m, x: m(x, Forward.of("spike", collect=True)), conv, SpikeTrain(jnp.asarray(spikes), jnp.float32(1.0)))
   dense = _stats(lambda m, x: m(x, Forward.of(collect=True)), conv, jnp.zeros((1, 4, 4, 2)))
   unit = energy.conv_counts(conv, spike, dense, 1, 1, _neuron(1, 1))
   assert unit["sops"] == 4 + 9 and unit["macs"] == 16 * 2 * 9 and unit["weights"] == 18
@@ -94,7 +94,7 @@ def test_attention_product_every_term_by_hand():
   b[1, 0, 0, 2] = -1                        # key 0, channel 2: no partner
   spec = "bnd,bmd->bnm"
   product = lambda m, x, y, mode: attention._product(spec, x, y, Forward.of(mode, collect=True), m, "qk")
-  spike = _stats(product, owner, SpikeTrain(jnp.asarray(a), 0.25), SpikeTrain(jnp.asarray(b), 0.5), "spike")
+  spike = _stats(product, owner, SpikeTrain(jnp.asarray(a), jnp.float32(0.25)), SpikeTrain(jnp.asarray(b), jnp.float32(0.5)), "spike")
   dense = _stats(product, owner, jnp.zeros((1, 2, 3)), jnp.zeros((1, 2, 3)), "quantize")
   by = energy._stats_by_layer({("x", k): v for k, v in {**spike}.items()})["x.qk"]
   dn = energy._stats_by_layer({("x", k): v for k, v in dense.items()})["x.qk"]

@@ -202,7 +202,7 @@ def _network_order(name: str) -> tuple:
   """A layer's place: input layers, the stages and blocks in order, the head (graph traversal
   sorts names alphabetically)."""
   parts = name.split(".")
-  rank = {"adapter": 0, "stem": 1, "stages": 2}.get(parts[0], 3)
+  rank = {"adapter": 0, "stem": 1, "stages": 2, "head_if": 3}.get(parts[0], 4)
   return (rank, *((int(p), "") if p.isdigit() else (-1, p) for p in parts[1:]))
 
 
