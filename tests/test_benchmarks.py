@@ -23,6 +23,9 @@ ROW_KEYS = {
                   "flops_per_image", "sops_over_flops", "evaluator_images_per_s", "forwards_images_per_s",
                   "evaluator_over_forwards"},
     "input_pipeline": {"stage", "batch", "images_per_s", "vs_train_step"},
+    "energy": {"model", "depths", "image_size", "T", "K", "images", "weights", "sops_per_image", "commit", "paper_uj",
+               "snn_uj", "qann_uj", "cheaper", "paper_uj_no_reuse", "snn_uj_no_reuse", "qann_uj_no_reuse",
+               "cheaper_no_reuse"},
 }
 
 
