@@ -21,7 +21,7 @@ from ge2mst_jax.train import checkpoint as ckpt_lib
 from ge2mst_jax.data import pipeline as data_lib
 from ge2mst_jax import weights
 from ge2mst_jax.io import saved_config
-from ge2mst_jax.evaluate import report as evaluation
+from ge2mst_jax.evaluate import hardware, report as evaluation
 from ge2mst_jax.train import evaluator as evaluators, loop as train_lib, state as train_state
 from ge2mst_jax.io import saved_config
 from ge2mst_jax.train import sharding as shd
@@ -64,6 +64,12 @@ def test_report_has_every_key_and_matches_training(trained, tmp_path):
     with open(plot, "rb") as f:
       assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   assert "accuracy, spike mode" in open(files["md"]).read()
+  # the three energy models, re-priced from report.json's counts alone, and their section and plot
+  hw = js["hardware_energy"]
+  assert hw["models"]["paper"]["total_mj"] == pytest.approx(js["energy_mj_per_image"] + js["stem_energy_mj_per_image"])
+  assert hardware.apply(hw["counts"], cfg.energy)["models"] == hw["models"]
+  assert str(tmp_path / "energy.png") in files["plots"]
+  assert "## Energy: paper convention, spiking hardware model, quantized ANN" in open(files["md"]).read()
   # eval.py --audit on the trained checkpoint: spike-driven everywhere but the stem, SOPs as counted
   audit = js["spike_audit"]
   assert audit["unexpected"] == [] and audit["expected_exceptions"] == ["stem.conv"] and audit["sops_match"]
