@@ -142,7 +142,7 @@ def test_a_loaded_or_exported_model_scores_its_evaluated_accuracy_from_raw_image
 # still load, read every one at today's default, and evaluate as it did.
 NEWER_KEYS = ("eval_matmul_precision", "profile", "compile_cache_dir", "distributed", "alpha.power",
               "data.event_frames", "model.arch.event_frames", "data.randaugment", "data.random_erasing",
-              "data.random_erasing_mode", "data.decode_in_workers", "data.read_threads", "data.eval_policy")
+              "data.random_erasing_mode", "data.decode_in_workers", "data.read_threads", "data.eval_policy", "energy")
 
 
 @pytest.mark.slow
@@ -159,6 +159,7 @@ def test_a_config_saved_before_newer_keys_loads_and_evaluates_with_their_default
   read = saved_config.read(tmp_path)
   assert saved_config.diff(read, cfg) == []    # every key back, at the value the run itself had
   assert read.eval_matmul_precision == "highest" and read.profile.steps == 0 and not read.distributed.enabled
+  assert read.energy.ops.paper_sop.pj == 0.9 and read.energy.reuse
   read.data.image_size = 20                     # the shared fields are one value again
   assert read.model.arch.image_size == 20
   read.data.image_size = cfg.data.image_size
