@@ -89,7 +89,7 @@ def terms(unit: dict, model: str, table: dict) -> list[Term]:
   if kind == "input":   # real-valued input (pixels): the same integer MACs in both executions
     return [Term(ARITHMETIC, "multiply", unit["macs"], "multiply"),
             Term(ARITHMETIC, "accumulate", unit["macs"], "accumulate"),
-            _mem("weights from DRAM", unit["weights"] * bits["weight"], "dram"),
+            _mem("weights from DRAM", unit["weights"] * bits["weight"], place["weight_store"]),
             _mem("weights", (unit["weights"] if reuse else unit["macs"]) * bits["weight"], place["weights"]),
             _mem("partial sums", (unit["outputs"] if reuse else 2 * unit["macs"]) * acc, place["membranes"]),
             _mem("pixels read", (unit["inputs"] if reuse else unit["macs"]) * bits["pixel"], place["activations"])]
@@ -117,7 +117,7 @@ def terms(unit: dict, model: str, table: dict) -> list[Term]:
               else ops * (unit["a_bits"] + unit["b_bits"]))   # without reuse every MAC reads one of each
       return out + [_mem("operands read", read, place["activations"])]
     read = unit["ann_inputs"] * unit["in_bits"] if reuse else ops * unit["in_bits"]
-  return out + [_mem("weights from DRAM", unit["weights"] * bits["weight"], "dram"),
+  return out + [_mem("weights from DRAM", unit["weights"] * bits["weight"], place["weight_store"]),
                 _mem("weights", (unit["weights"] if reuse else ops) * bits["weight"], place["weights"]),
                 _mem("spikes read" if snn else "activations read", read, place["activations"])]
 

@@ -47,7 +47,8 @@ def table() -> ml_collections.ConfigDict:
       },
       # Which memory level holds what (a key of `memory`).
       "placement": {
-          "weights": "sram_1mb",      # the weight buffer, filled from DRAM once per image
+          "weight_store": "dram",     # where the weights live: read from it once per image
+          "weights": "sram_1mb",      # the weight buffer, filled from the store once per image
           "membranes": "sram_8kb",    # partial sums and membrane potentials, beside the accumulators
           "activations": "sram_1mb",  # spikes (SNN) or quantized activations (ANN) between layers
           "scores": "sram_1mb",       # attention score maps (Q K^T), too large for the small SRAM
