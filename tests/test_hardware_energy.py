@@ -163,6 +163,12 @@ def test_counts_cover_the_network_and_reprice_from_json(small):
       x.size for p, x in nnx.to_flat_state(nnx.state(model, nnx.Param)) if p[-1] == "kernel") + 10
   assert hardware.apply(counts, TABLE)["models"] == hw["models"]
   assert [k for k in counts][:2] == ["stem.conv", "stages.0.0.conv"] and list(counts)[-1] == "classifier"
+  stem = counts["stem.conv"]   # 3x3, stride 1, 3 -> 8 channels on 16x16 pixels
+  assert (stem["inputs"], stem["outputs"], stem["macs"], stem["weights"]) == (16 * 16 * 3, 16 * 16 * 8,
+                                                                              16 * 16 * 8 * 27, 27 * 8)
+  assert _priced(stem, "snn") == _priced(stem, "qann") == {
+      "multiply": stem["macs"], "accumulate": stem["macs"], "weights from DRAM": 216 * 8 / W, "weights": 216 * 8 / W,
+      "partial sums": 16 * 16 * 8 * 32 / W, "pixels read": 16 * 16 * 3 * 8 / W}
   assert hw["cheaper"] in ("snn", "qann") and set(hw["cheaper_per_layer"]) == set(counts)
   md = hardware.markdown(hw)
   assert "Cheaper in total" in md and md.count("| **total** |") == 3
