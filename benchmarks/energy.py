@@ -8,8 +8,6 @@ ANN's, with weight reuse on and off, on synthetic images. Writes results/energy.
 Random weights fire otherwise than trained ones: these rows show what the models count on the
 full-size network, not what a trained network costs (eval.py reports that for a checkpoint).
 """
-import subprocess
-
 import bench_lib  # first: it re-executes with huge pages before JAX is imported
 
 import jax
@@ -17,13 +15,6 @@ import jax
 from ge2mst_jax.evaluate import energy, hardware
 from ge2mst_jax.io import energy_table
 from ge2mst_jax.nn import models
-
-
-def commit() -> str:
-  """The checkout's commit ('' outside a git checkout), so a row names the code that made it."""
-  r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                     cwd=bench_lib.RESULTS)
-  return r.stdout.strip() if r.returncode == 0 else ""
 
 
 def bench(name: str, images: int, size: int | None, T: int, K: int, **arch) -> dict:
@@ -35,8 +26,7 @@ def bench(name: str, images: int, size: int | None, T: int, K: int, **arch) -> d
   rep = energy.energy_report(model, x)
   counts = rep["hardware_energy"]["counts"]
   row = {"model": name, "depths": list(model.cfg.depths), "image_size": size, "T": T, "K": K, "images": images,
-         "weights": "random (seed 0)", "sops_per_image": rep["sops_per_image"], "macs_per_image": rep["macs_per_image"],
-         "commit": commit()}
+         "weights": "random (seed 0)", "sops_per_image": rep["sops_per_image"], "macs_per_image": rep["macs_per_image"]}
   table = energy_table.table().to_dict()
   for reuse in (True, False):
     res = hardware.apply(counts, {**table, "reuse": reuse})

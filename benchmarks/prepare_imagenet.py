@@ -18,7 +18,6 @@ import io
 import os
 import resource
 import shutil
-import subprocess
 import tarfile
 import tempfile
 import time
@@ -73,12 +72,6 @@ def write_manual_dir(path: str, images: int, validation: int, classes: int, dist
   return total
 
 
-def commit() -> str:
-  r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                     cwd=os.path.dirname(os.path.abspath(__file__)))
-  return r.stdout.strip() or "unknown"
-
-
 def main(argv=None):
   p = bench_lib.arg_parser(__doc__)
   p.add_argument("--images", type=int, default=2000, help="training images (validation: a quarter as many)")
@@ -107,7 +100,7 @@ def main(argv=None):
                    "wall_s": wall, "cpu_seconds": cpu, "images_per_s": n / wall, "images_per_s_per_core": n / cpu,
                    "mb_per_s": jpeg_bytes / wall / 1e6, "imagenet_hours": FULL / (n / wall) / 3600})
       shutil.rmtree(out)
-  path = bench_lib.record("prepare_imagenet", rows, a.smoke, a.out, commit=commit(), jpeg_sides=[333, 500],
+  path = bench_lib.record("prepare_imagenet", rows, a.smoke, a.out, jpeg_sides=[333, 500],
                           mean_jpeg_bytes=jpeg_bytes / n, shard_size=a.shard_size)
   bench_lib.print_table(rows, [("workers", "workers", "d"), ("images", "images", "d"), ("wall s", "wall_s", ".1f"),
                                ("img/s", "images_per_s", ".0f"), ("img/s/core", "images_per_s_per_core", ".0f"),

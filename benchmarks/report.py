@@ -36,6 +36,8 @@ file); "machine" is the host as the file names it, its cores and the devices JAX
 | `paradigms.py` | the paper's Table 1: ExpG-IF against STBP training of the same network for T ∈ {1, 2, 4, 8}: step time, compiled peak memory, SOPs |
 | `inference.py` | spike mode (both integrations) against quantize mode at T = 4; SOPs against FLOPs; the evaluator end to end |
 | `input_pipeline.py` | the ImageNet input pipeline (decoded arrays and a real ArrayRecord set of JPEGs), per worker count, images/s and images per CPU-second |
+| `energy.py` | energy per image of a network by the paper's convention, the hardware model of the spiking execution and the same network as a quantized ANN (docs/energy.md), with weights reused on chip and without |
+| `prepare_imagenet.py` | `python -m ge2mst_jax.prepare imagenet2012` on synthetic JPEGs of ImageNet's sizes, per worker count: images/s, images per CPU-second, hours for ImageNet's 1.33 M images |
 | `tpu_aot.py` | with libtpu, on any host: the train and evaluation steps compiled for a TPU topology: memory per chip, FLOPs and HBM bytes per image, roofline, collectives |
 
 Measured figures only: where no row is shown, nothing has been measured.
@@ -160,6 +162,36 @@ def input_section(runs):
           + table(["stage", "transform", "images/s", "images / CPU-s", *PROV], rows))
 
 
+def energy_section(runs):
+  rows = []
+  for run in runs:
+    for r in run["rows"]:
+      rows.append([f"`{r['model']}` @{r['image_size']}²", r["weights"], f"{r['T']}, {r['K']}",
+                   fmt(r["sops_per_image"] / 1e6, ",.0f"), fmt(r["paper_uj"], ",.1f"), fmt(r["snn_uj"], ",.1f"),
+                   fmt(r["qann_uj"], ",.1f"), r["cheaper"], fmt(r["snn_uj_no_reuse"], ",.0f"),
+                   fmt(r["qann_uj_no_reuse"], ",.0f"), r["cheaper_no_reuse"], *provenance(run)])
+  return ("## Energy\n\n`python benchmarks/energy.py`: µJ per image from one evaluation of the network "
+          "(docs/energy.md): the paper's convention, and the hardware model's spiking execution (`snn`) and "
+          "quantized ANN (`qann`) with the config's default constants, weights reused on chip across time steps "
+          "and output positions, and without reuse.\n\n"
+          + table(["network", "weights", "T, K", "M SOPs / image", "paper µJ", "snn µJ", "qann µJ", "cheaper",
+                   "snn µJ, no reuse", "qann µJ, no reuse", "cheaper, no reuse", *PROV], rows))
+
+
+def prepare_section(runs):
+  rows = []
+  for run in runs:
+    for r in run["rows"]:
+      rows.append([str(r["workers"]), str(r["images"]), fmt(r["images_per_s"], ",.0f"),
+                   fmt(r["images_per_s_per_core"], ",.0f"), fmt(r["mb_per_s"], ".0f"), fmt(r["imagenet_hours"], ".2f"),
+                   *provenance(run)])
+  return ("## Preparing ImageNet\n\n`python benchmarks/prepare_imagenet.py`: `python -m ge2mst_jax.prepare "
+          "imagenet2012` on synthetic JPEGs of ImageNet's sizes, read from the page cache (on real data the "
+          "disk's read rate may set the pace). JPEG bytes are kept as they are, so the work is reading, "
+          "serializing and writing.\n\n"
+          + table(["workers", "images", "images/s", "images / CPU-s", "MB/s", "ImageNet hours", *PROV], rows))
+
+
 def _is_blocks(run):
   return any(r["step"].startswith("blocks") for r in run["rows"])
 
@@ -225,6 +257,7 @@ def _plot_blocks(plt, bars):
 
 SECTIONS = (("train_step", train_step_section, False), ("paradigms", paradigms_section, True),
             ("inference", inference_section, False), ("input_pipeline", input_section, False),
+            ("energy", energy_section, False), ("prepare_imagenet", prepare_section, False),
             ("tpu_aot", tpu_section, True))
 
 

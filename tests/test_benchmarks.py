@@ -24,7 +24,7 @@ ROW_KEYS = {
                   "evaluator_over_forwards"},
     "input_pipeline": {"stage", "batch", "images_per_s", "vs_train_step"},
     "prepare_imagenet": {"stage", "workers", "images", "images_per_s", "images_per_s_per_core", "imagenet_hours"},
-    "energy": {"model", "depths", "image_size", "T", "K", "images", "weights", "sops_per_image", "commit", "paper_uj",
+    "energy": {"model", "depths", "image_size", "T", "K", "images", "weights", "sops_per_image", "paper_uj",
                "snn_uj", "qann_uj", "cheaper", "paper_uj_no_reuse", "snn_uj_no_reuse", "qann_uj_no_reuse",
                "cheaper_no_reuse"},
 }
