@@ -1,5 +1,5 @@
 """What every benchmark shares: the machine's own matmul rate, a jitted train step on
-synthetic data, timing, and the JSON record with the machine, device, versions and date."""
+synthetic data, timing, and the JSON record with the machine, device, versions, date and commit."""
 import argparse
 import datetime
 import json
@@ -142,10 +142,22 @@ def interleaved_medians(steppers: list, rounds: int, per_round: int = 2) -> list
   return [float(np.median(t)) for t in times]
 
 
+def source_commit() -> str | None:
+  """The checkout's commit (short hash, `+` when it has uncommitted changes), or None outside git:
+  docs/benchmarks.md shows it beside each row, so a figure names the code it measured."""
+  import subprocess
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  try:
+    git = lambda *a: subprocess.run(["git", "-C", root, *a], capture_output=True, text=True, check=True).stdout.strip()
+    return git("rev-parse", "--short", "HEAD") + ("+" if git("status", "--porcelain", "--untracked-files=no") else "")
+  except (OSError, subprocess.CalledProcessError):
+    return None
+
+
 def record(name: str, rows: list, smoke: bool, out_dir: str, **extra) -> str:
-  """Writes `{out_dir}/{name}[_smoke].json` with the machine, device, versions and date; returns its path."""
+  """Writes `{out_dir}/{name}[_smoke].json` with the machine, device, versions, date and commit; returns its path."""
   import flax
-  result = {"benchmark": name, "date": datetime.datetime.now().isoformat(timespec="seconds"),
+  result = {"benchmark": name, "date": datetime.datetime.now().isoformat(timespec="seconds"), "commit": source_commit(),
             "machine": platform.node(), "processor": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(), "device_kind": jax.devices()[0].device_kind,
             "device_count": jax.device_count(), "platform": jax.devices()[0].platform, "jax": jax.__version__,

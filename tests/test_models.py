@@ -140,7 +140,7 @@ def test_indivisible_stride_is_a_clear_error():
 
 # Every kind of block once: Stage 1's, Stage 2's GW-SSA and Stage 4's SSA block (Stage 3's GW-SSA block
 # is Stage 2's at another stride). For the checks of a network-wide option, at ~3/4 of the full tiny
-# network's compile time; `tiny` itself is checked whole where the README quotes what a test measured.
+# network's compile time; `tiny` itself is checked whole where docs/numerics.md quotes what a test asserts.
 EVERY_BLOCK_ONCE = dict(depths=(1, 1, 0, 1))
 
 VARIANTS = {
@@ -186,11 +186,10 @@ def _distinct_matmul_precisions() -> tuple[str, ...]:
 @pytest.mark.slow
 def test_spike_mode_predicts_what_quantize_mode_predicts(dtype):
   """Random eval-mode ge2mst_tiny networks, 3 seeds x 64 images: spike mode's predictions are
-  quantize mode's, in float32 and in bfloat16 (>= 99 %; bf16 was ~72-96 % when BatchNorm was
-  folded into bf16 kernels and quantize mode cast its activations to bf16). Exact equality is
-  float64's (above): in float32, one image of the 192 (seed 0) has a neuron within an ulp of a
-  threshold whose level differs between the modes on some CPUs (2026-12-01's machine; also
-  before bf16 activations), and the untrained network amplifies that into another class.
+  quantize mode's, in float32 and in bfloat16 (>= 99 %: both modes hand each synapse exact integer
+  operands and BatchNorm acts after the float32 accumulation, docs/numerics.md). Exact equality is
+  float64's (above): in float32, an input within an ulp of a threshold can take the neighbouring
+  level in one mode on some CPUs, and an untrained network can amplify that into another class.
 
   Under both matmul precisions where the backend honours them: 'bfloat16' is what accelerators
   use by default for float32 matmuls (one bf16 pass, float32 accumulation). XLA:CPU computes

@@ -262,7 +262,7 @@ def test_any_eval_batch_size_is_padded_to_the_devices_and_masked(tmp_path):
   assert sum(int(b["mask"].sum()) for b in batches) == 360
   assert data_lib.eval_batch_shape(250, 16) == 256 and data_lib.eval_batch_shape(250, 5) == 250
   out = train_lib.train_and_evaluate(small_digits(8, eval_batch_size=250, eval_modes=("quantize",)),
-                                     str(tmp_path), quiet=True)   # 250 on 8 devices used to fail validation
+                                     str(tmp_path), quiet=True)   # 250 is not a multiple of 8 devices: padded
   assert out["examples"] == 360
 
 

@@ -1,4 +1,4 @@
-"""Synaptic operations, firing rates, MACs and energy (SPEC §4).
+"""Synaptic operations, firing rates, MACs and energy (docs/math.md#energy).
 
 SOPs are counted exactly from the spikes of an instrumented spike-mode pass: every
 synaptic layer (conv, linear, spike matmul) sows the accumulates its non-zero inputs

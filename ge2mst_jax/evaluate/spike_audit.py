@@ -175,7 +175,7 @@ def audit(model: nnx.Module, images, energy_sops: dict | None = None) -> dict[st
 
 
 def markdown_table(result: dict) -> str:
-  """The per-layer table of an audit, for report.md and README."""
+  """The per-layer table of an audit, for report.md and the documentation."""
   lines = [f"Spike audit ({result['images']} images, spike_integration='{result['spike_integration']}'): "
            f"{result['spike_driven_ops']} of {result['synaptic_ops']} synaptic operations driven by spikes; "
            f"unexpected: {', '.join(result['unexpected']) or 'none'}; SOPs "

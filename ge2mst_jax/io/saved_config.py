@@ -48,7 +48,7 @@ def defaults() -> ml_collections.ConfigDict:
   c.optimizer = ml_collections.ConfigDict(dict(
       name="adamw", lr=1e-3, base_batch_size=256, weight_decay=0.01, b1=0.9, b2=0.999, eps=1e-8, warmup_steps=100,
       grad_clip=1.0, min_lr_ratio=0.0))
-  # Progressive activation: alpha ramps ClipReLU -> ExpG-IF quantizer (SPEC §1).
+  # Progressive activation: alpha ramps ClipReLU -> ExpG-IF quantizer (docs/math.md#progressive-activation).
   c.alpha = ml_collections.ConfigDict(dict(kind="linear", ramp_end=0.8, power=1.0))
   c.label_smoothing = 0.0
   c.mixup = 0.0

@@ -1,4 +1,4 @@
-"""Spiking self-attention (SSA) and group-wise SSA (GW-SSA), SPEC §2.
+"""Spiking self-attention (SSA) and group-wise SSA (GW-SSA): docs/math.md#attention.
 
 SSA has no softmax and no real-valued products: `A = IF(Q K^T 2^-m)`, `O = IF±(A V)`
 with Q, K, V spike-coded by symmetric ExpG-IF neurons. In spike mode each product
@@ -249,7 +249,7 @@ class SpikingAttention(nnx.Module):
 
 
 class AttentionBlock(nnx.Module):
-  """`Y = X + Proj(attention(IF(X))) + ConvBranch(IF(X))` (SPEC §2, Eq. 8).
+  """`Y = X + Proj(attention(IF(X))) + ConvBranch(IF(X))` (docs/math.md#gw-ssa-block, Eq. 8).
 
   The block owns its input neuron `IF`: one spike train feeds the attention's Q, K, V and the
   conv branch. conv_branch: 'dw' (depthwise 3x3, default), 'full' (dense 3x3) or 'none' (plain SSA).

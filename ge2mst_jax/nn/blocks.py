@@ -1,4 +1,4 @@
-"""Synaptic layers and the convolutional blocks of Ge2mS-T (SPEC §3).
+"""Synaptic layers and the convolutional blocks of Ge2mS-T (docs/math.md#network).
 
 Every synaptic layer runs in two modes with one set of weights:
 - `quantize`: `BN(conv(x))` on real activations (the quantizer outputs), training path;
@@ -416,7 +416,7 @@ class SynapticConv(nnx.Module):
 
 
 class SConv(nnx.Module):
-  """A spiking convolution: ExpG-IF, then conv + BN (SPEC §3: Stage 1, down-sampling)."""
+  """A spiking convolution: ExpG-IF, then conv + BN (docs/math.md#feed-forward-blocks: Stage 1, down-sampling)."""
 
   def __init__(self, cin, cout, kernel=3, stride=1, groups=1, *, neuron: dict, compute: Compute = Compute(),
                rngs: nnx.Rngs):
@@ -429,7 +429,7 @@ class SConv(nnx.Module):
 
 
 class SFFN(nnx.Module):
-  """`X + BN(1x1(IF(BN(DW3x3(IF(BN(1x1_{C->rC}(IF(X)))))))))` (Conv-SFFN, SPEC §3, Eq. 9).
+  """`X + BN(1x1(IF(BN(DW3x3(IF(BN(1x1_{C->rC}(IF(X)))))))))` (Conv-SFFN, docs/math.md#feed-forward-blocks, Eq. 9).
 
   With `depthwise=False` the middle depthwise stage is dropped: the plain SFFN.
   """
@@ -451,7 +451,7 @@ class SFFN(nnx.Module):
 class Stem(nnx.Module):
   """The real-valued first convolution (k x k, stride) + BN: its input is the image, not spikes.
 
-  Identical in both modes; its MACs are reported apart from the SOPs (SPEC §4).
+  Identical in both modes; its MACs are reported apart from the SOPs (docs/math.md#energy).
   """
 
   def __init__(self, cin: int, cout: int, kernel: int, stride: int, *, compute: Compute = Compute(), rngs: nnx.Rngs):
@@ -463,7 +463,7 @@ class Stem(nnx.Module):
 
 
 class EventFrameAdapter(nnx.Module):
-  """Merges event-camera frames `[B, T_in, H, W, 2]` into a 3-channel image (SPEC §3).
+  """Merges event-camera frames `[B, T_in, H, W, 2]` into a 3-channel image (docs/math.md#event-input).
 
   A 3x3 convolution over time x polarity (`T_in * 2` input channels) + BN, real-valued
   like the stem, so that an ImageNet-trained stem and network can be fine-tuned on it.

@@ -1,4 +1,4 @@
-"""The staged Ge2mS-T network and its model family (SPEC §3).
+"""The staged Ge2mS-T network and its model family (docs/math.md#network).
 
     stem (real conv) -> Stage 1: SConv up, SConv down, SFFN
                      -> Stage 2: SConv stride 2, [GW-SSA(s2) + Conv-SFFN] x d2
@@ -28,7 +28,8 @@ from ge2mst_jax.spiking.stbp import Baseline
 
 @dataclasses.dataclass(frozen=True)
 class Shape:
-  """The network's shape. Fields marked (reading) follow SPEC's reconstruction."""
+  """The network's shape. Fields marked (reading) are choices the paper leaves open
+  (docs/math.md#readings-and-the-fields-that-select-them)."""
   stem_width: int = 32
   widths: tuple = (48, 96, 192, 384)          # stages 1..4 (reading: 3:4:5 base widths)
   depths: tuple = (1, 3, 4, 1)                # blocks per stage (stage 1: SFFN blocks)
@@ -143,7 +144,7 @@ def _family_entry(w: int, **kw) -> dict:
   return dict(stem_width=w // 2 + w // 6, widths=(w, 2 * w, 4 * w, 8 * w), **kw)
 
 
-# The paper's sizes share depths; base widths follow the 3:4:5 reading (SPEC §3).
+# The paper's sizes share depths; base widths follow the 3:4:5 reading (docs/math.md#architecture-tables).
 # depths (1, 3, 4, 1) with Stage 1 expanding 4x lands all three within 0.6 % of Table 3.
 _IMAGENET = dict(depths=(1, 3, 4, 1), stage1_expand=4, gw_strides=(4, 2), stem_kernel=7, stem_stride=2,
                  stage1_stride=2, image_size=224)
@@ -288,7 +289,7 @@ def create_model(name: str, num_classes: int = 1000, rngs: nnx.Rngs | int = 0, *
 
 
 def arch_from_config(cfg) -> ArchConfig:
-  """The ArchConfig a training config (`cfg.model.arch`, configs/*.py) describes."""
+  """The ArchConfig a training config (`cfg.model.arch` of a `configs/*.py` file) describes."""
   return ArchConfig.from_flat(**cfg.model.arch)
 
 

@@ -1,4 +1,4 @@
-"""ExpG-IF: the grouped-exponential-coding integrate-and-fire neuron (SPEC §1).
+"""ExpG-IF: the grouped-exponential-coding integrate-and-fire neuron (docs/math.md#the-expg-if-neuron).
 
 Training sees the neuron as a non-uniform quantizer `Q`; inference runs it as a
 spike emitter over `T` steps whose spikes decode to `Q` bit for bit. Both are
@@ -71,7 +71,7 @@ class LevelSet(NamedTuple):
 
   @property
   def thresholds(self) -> np.ndarray:
-    """The |L|-1 pre-firing thresholds (fractions of lambda): midpoints of adjacent levels."""
+    """The `|L| - 1` pre-firing thresholds (fractions of lambda): midpoints of adjacent levels."""
     return (self.codes[:-1] + self.codes[1:]) / (2.0 * self.Z)
 
   @property
@@ -115,7 +115,7 @@ def expg_code(x: jax.Array, lam: jax.Array, T: int, K: int, method: str = "searc
   (ties round up), which clips implicitly; compared as `x (2Z / lam) >= c_j + c_{j+1}`
   (`doubled_code_units`). Three ways to find it, one result: `method='search'`, binary
   search (`jnp.searchsorted`, the paper's inference rule); `'compare'`, counting
-  comparisons, elementwise and fusible, at a cost that grows with the |L|-1 thresholds
+  comparisons, elementwise and fusible, at a cost that grows with the `|L| - 1` thresholds
   (24 at T=8, K=2); `'arith'`, the levels just below and above from the integer bits of the
   input and one comparison with the threshold between them, a cost independent of T (for
   K in {1, 2, T}; other K count comparisons). `lam` broadcasts against `x`.
