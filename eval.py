@@ -2,7 +2,7 @@
 
   python eval.py --workdir workdirs/digits                     # newest checkpoint, config from the workdir
   python eval.py --workdir DIR --checkpoint DIR/checkpoints/best --sweep_T=2,4,8 --sweep_K=1,2
-Writes DIR/eval/report.json, report.md, sops.png and firing_rates.png.
+Writes DIR/eval/report.json, report.md, sops.png, firing_rates.png and energy.png (docs/energy.md).
 """
 import sys
 

@@ -1,4 +1,5 @@
-"""CIFAR-10 at 32x32 (tfds 'cifar10', ArrayRecord in data.data_dir).
+"""CIFAR-10 at 32x32 (tfds 'cifar10', ArrayRecord in data.data_dir;
+`python -m ge2mst_jax.prepare cifar10 --manual_dir DIR --data_dir OUT` makes it, docs/data.md).
 
 python train.py --config configs/cifar10.py:small --config.data.data_dir=/data/tfds
 Args: size (tiny|small|base|large, default small); 'finetune' to start from an ImageNet

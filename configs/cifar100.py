@@ -1,4 +1,5 @@
-"""CIFAR-100 at 32x32 (tfds 'cifar100', ArrayRecord in data.data_dir): the CIFAR-10 recipe.
+"""CIFAR-100 at 32x32 (tfds 'cifar100', ArrayRecord in data.data_dir;
+`python -m ge2mst_jax.prepare cifar100 --manual_dir DIR --data_dir OUT` makes it, docs/data.md): the CIFAR-10 recipe.
 
 python train.py --config configs/cifar100.py:small --config.data.data_dir=/data/tfds
 Args: size (tiny|small|base|large, default small); finetune=/ckpt/imagenet_small to start from ImageNet.

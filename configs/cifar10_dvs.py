@@ -1,10 +1,12 @@
 """CIFAR10-DVS event frames, fine-tuned from an ImageNet checkpoint through the input adapter.
 
-Expects a tfds data set (name in data.name, default 'cifar10_dvs') whose 'image' feature is
-event frames [frames, H, W, 2] (counts per polarity) and 'label' is the class; build it with
-a tfds builder on a machine with TensorFlow and copy the ArrayRecord files to data.data_dir.
+Reads the set `python -m ge2mst_jax.prepare cifar10_dvs --manual_dir DIR --data_dir OUT` makes
+(docs/data.md): 'image' is event frames [frames, H, W, 2] (counts per polarity, resized here to
+image_size), splits 'train' and 'test' are the package's fixed stratified 9:1 split. `frames`
+must be the prepared set's (--frames, default 10 in both).
 
-python train.py --config configs/cifar10_dvs.py:small,finetune=/ckpt/in1k_small
+python train.py --config configs/cifar10_dvs.py:small,finetune=/ckpt/in1k_small --config.data.data_dir=OUT
+Args: size (tiny|small|base|large), finetune, frames (default 10), image_size (default 64).
 """
 from configs import common
 

@@ -1,4 +1,5 @@
-"""ImageNet-1k at 224x224 (tfds 'imagenet2012', ArrayRecord in data.data_dir), the paper's sizes.
+"""ImageNet-1k at 224x224 (tfds 'imagenet2012', ArrayRecord in data.data_dir;
+`python -m ge2mst_jax.prepare imagenet2012 --manual_dir DIR --data_dir OUT` makes it, docs/data.md), the paper's sizes.
 
 python train.py --config configs/imagenet2012.py:small --config.data.data_dir=/data/tfds --workdir=/ckpt/in1k_small
 

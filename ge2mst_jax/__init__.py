@@ -6,6 +6,7 @@ Subpackages, each importing only those below it (tests/test_structure.py checks 
   weights    `load` / `export`: trained weights for other pipelines
   train/     train state, step and loop, checkpoints, sharding, run control
   nn/        synaptic layers, blocks, GW-SSA and its kernel, the network family
+  prepare/   the paper's data sets from the downloaded files (`python -m ge2mst_jax.prepare`)
   data/      tfds + grain pipelines, transforms, augmentation
   spiking/   ExpG-IF and the LIF/STBP baseline: the neuron mathematics
   io/        paths, errors, saved configs, entry-point helpers

@@ -23,6 +23,10 @@ ROW_KEYS = {
                   "flops_per_image", "sops_over_flops", "evaluator_images_per_s", "forwards_images_per_s",
                   "evaluator_over_forwards"},
     "input_pipeline": {"stage", "batch", "images_per_s", "vs_train_step"},
+    "prepare_imagenet": {"stage", "workers", "images", "images_per_s", "images_per_s_per_core", "imagenet_hours"},
+    "energy": {"model", "depths", "image_size", "T", "K", "images", "weights", "sops_per_image", "commit", "paper_uj",
+               "snn_uj", "qann_uj", "cheaper", "paper_uj_no_reuse", "snn_uj_no_reuse", "qann_uj_no_reuse",
+               "cheaper_no_reuse"},
 }
 
 

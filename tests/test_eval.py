@@ -21,7 +21,7 @@ from ge2mst_jax.train import checkpoint as ckpt_lib
 from ge2mst_jax.data import pipeline as data_lib
 from ge2mst_jax import weights
 from ge2mst_jax.io import saved_config
-from ge2mst_jax.evaluate import report as evaluation
+from ge2mst_jax.evaluate import hardware, report as evaluation
 from ge2mst_jax.train import evaluator as evaluators, loop as train_lib, state as train_state
 from ge2mst_jax.io import saved_config
 from ge2mst_jax.train import sharding as shd
@@ -64,6 +64,12 @@ def test_report_has_every_key_and_matches_training(trained, tmp_path):
     with open(plot, "rb") as f:
       assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   assert "accuracy, spike mode" in open(files["md"]).read()
+  # the three energy models, re-priced from report.json's counts alone, and their section and plot
+  hw = js["hardware_energy"]
+  assert hw["models"]["paper"]["total_mj"] == pytest.approx(js["energy_mj_per_image"] + js["stem_energy_mj_per_image"])
+  assert hardware.apply(hw["counts"], cfg.energy)["models"] == hw["models"]
+  assert str(tmp_path / "energy.png") in files["plots"]
+  assert "## Energy: paper convention, spiking hardware model, quantized ANN" in open(files["md"]).read()
   # eval.py --audit on the trained checkpoint: spike-driven everywhere but the stem, SOPs as counted
   audit = js["spike_audit"]
   assert audit["unexpected"] == [] and audit["expected_exceptions"] == ["stem.conv"] and audit["sops_match"]
@@ -136,7 +142,7 @@ def test_a_loaded_or_exported_model_scores_its_evaluated_accuracy_from_raw_image
 # still load, read every one at today's default, and evaluate as it did.
 NEWER_KEYS = ("eval_matmul_precision", "profile", "compile_cache_dir", "distributed", "alpha.power",
               "data.event_frames", "model.arch.event_frames", "data.randaugment", "data.random_erasing",
-              "data.random_erasing_mode", "data.decode_in_workers", "data.read_threads", "data.eval_policy")
+              "data.random_erasing_mode", "data.decode_in_workers", "data.read_threads", "data.eval_policy", "energy")
 
 
 @pytest.mark.slow
@@ -153,6 +159,7 @@ def test_a_config_saved_before_newer_keys_loads_and_evaluates_with_their_default
   read = saved_config.read(tmp_path)
   assert saved_config.diff(read, cfg) == []    # every key back, at the value the run itself had
   assert read.eval_matmul_precision == "highest" and read.profile.steps == 0 and not read.distributed.enabled
+  assert read.energy.ops.paper_sop.pj == 0.9 and read.energy.reuse
   read.data.image_size = 20                     # the shared fields are one value again
   assert read.model.arch.image_size == 20
   read.data.image_size = cfg.data.image_size

@@ -20,7 +20,7 @@ PACKAGE = pathlib.Path(ROOT) / "ge2mst_jax"
 
 # The subpackages top to bottom: a module may import its own subpackage's modules and those of
 # the subpackages below it, never one above (the package docstring shows the same order).
-LAYERS = ("evaluate", "weights", "train", "nn", "data", "spiking", "io")
+LAYERS = ("evaluate", "weights", "train", "nn", "prepare", "data", "spiking", "io")
 
 
 def module_name(path: pathlib.Path) -> str:

@@ -73,6 +73,10 @@ def digits_source(split: str, image_size: int = 32) -> ArraySource:
   return ArraySource((img * 255).round().astype(np.uint8), labels[idx].astype(np.int32))
 
 
+# The sets `python -m ge2mst_jax.prepare` makes from the files a user downloads.
+PREPARABLE = ("cifar10", "cifar100", "imagenet2012", "cifar10_dvs")
+
+
 def tfds_source(name: str, split: str, data_dir: str | None, encoded_images: bool = False):
   """`tfds.data_source` over prepared ArrayRecord files, with a clear error when they are missing.
 
@@ -91,14 +95,17 @@ def tfds_source(name: str, split: str, data_dir: str | None, encoded_images: boo
     decoders = {"image": tfds.decode.SkipDecoding()} if encoded_images else None
     return tfds.data_source(name, split=split, data_dir=data_dir, download=False, decoders=decoders)
   except Exception as e:  # tfds raises several types for "not prepared"
-    where = data_dir or "~/tensorflow_datasets"
-    if name.split(":")[0] not in tfds.list_builders(with_community_datasets=False):
+    where, base = data_dir or "~/tensorflow_datasets", name.split(":")[0]
+    if base not in PREPARABLE and base not in tfds.list_builders(with_community_datasets=False):
       raise DataError(
           f"Unknown data set {name!r}: it is neither 'digits', nor a tfds data set, nor prepared in {where}: "
           f"check data.name (e.g. cifar10, cifar100, imagenet2012) and data.data_dir.") from None
+    routes = [f"`python -m ge2mst_jax.prepare {base} --manual_dir=DOWNLOADS --data_dir={where}` (docs/data.md)"
+              ] if base in PREPARABLE else []
+    if base != "cifar10_dvs":   # the one set tfds has no builder for
+      routes.append(f"`tfds build {name} --file_format=array_record --data_dir={where}` on a machine with TensorFlow")
     raise DataError(
-        f"Data set {name!r} (split {split!r}) is not prepared as ArrayRecord in {where}: run "
-        f"`tfds build {name} --file_format=array_record --data_dir={where}` on a machine with TensorFlow, "
+        f"Data set {name!r} (split {split!r}) is not prepared as ArrayRecord in {where}: run {', or '.join(routes)}, "
         f"or copy prepared files there, then pass --config.data.data_dir ({type(e).__name__}).") from None
 
 
@@ -113,7 +120,15 @@ def check_data(cfg) -> None:
 def make_source(cfg, split: str):
   if cfg.name == "digits":
     return digits_source(split, cfg.image_size)
-  return tfds_source(cfg.name, cfg[f"{split}_split"], cfg.data_dir or None, encoded_images=cfg.decode_in_workers)
+  source = tfds_source(cfg.name, cfg[f"{split}_split"], cfg.data_dir or None, encoded_images=cfg.decode_in_workers)
+  if cfg.event_frames:
+    frames = source.dataset_info.features["image"].shape[0]
+    if frames != cfg.event_frames:
+      raise DataError(f"Data set {cfg.name!r} in {cfg.data_dir or '~/tensorflow_datasets'} holds {frames} frames per "
+                      f"sample, the config {cfg.event_frames}: pass --config.data.event_frames={frames} (the "
+                      f"config's frames={frames}), or prepare the set again with --frames {cfg.event_frames} in "
+                      f"another --data_dir.")
+  return source
 
 
 # ----------------------------------------------------------------------------

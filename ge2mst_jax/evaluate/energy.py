@@ -15,6 +15,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ge2mst_jax.evaluate import hardware
+from ge2mst_jax.io import saved_config
+from ge2mst_jax.nn.attention import SpikingAttention
+from ge2mst_jax.nn.blocks import SynapticConv
+from ge2mst_jax.spiking.neurons import ExpGIF, expg_levels
 from ge2mst_jax.spiking.spike_stats import SpikeStats
 
 E_AC_PJ = 0.9   # one accumulate (SOP)
@@ -94,15 +99,111 @@ def _in_eval_mode(model):
   return copy
 
 
-def energy_report(model, images) -> dict[str, Any]:
+def energy_report(model, images, table=None) -> dict[str, Any]:
   """Exact SOP / firing-rate / energy report of `model` on `images` (BN in eval mode; the
-  caller's model is left in its mode)."""
+  caller's model is left in its mode). `hardware_energy`: the three energy models
+  (`hardware.apply`) priced with `table` (the config's `energy`; default: the default table)."""
   model = _in_eval_mode(model)
   if model.cfg.paradigm == "stbp":  # the STBP network is its own spiking network
     _, flat = instrumented_forward(model, images, mode="stbp")
-    return summarize(jax.device_get(flat), None, images.shape[0], model.cfg.T)
+    return {**summarize(jax.device_get(flat), None, images.shape[0], model.cfg.T), "hardware_energy": None}
   _, flat = instrumented_forward(model, images, mode="spike")
-  return summarize(jax.device_get(flat), _dense_macs(model, images.shape[1:]), images.shape[0], model.cfg.T)
+  flat, dense = jax.device_get(flat), _dense_macs(model, images.shape[1:])
+  rep = summarize(flat, dense, images.shape[0], model.cfg.T)
+  counts = layer_counts(model, flat, dense, images.shape[0], images.shape[1:])
+  rep["hardware_energy"] = {"counts": counts,
+                            **hardware.apply(counts, saved_config.defaults().energy if table is None else table)}
+  return rep
+
+
+def _stats_by_layer(flat: dict) -> dict[str, dict[str, float]]:
+  """`{layer: {stat: value}}` of flat sown stats; an attention product is its own layer
+  ('...attn.qk': the stats its owner sowed as 'qk_*')."""
+  out = collections.defaultdict(dict)
+  for path, v in flat.items():
+    layer, stat = ".".join(path[:-1]), path[-1]
+    for product in ("qk", "av"):
+      if stat.startswith(product + "_"):
+        layer, stat = f"{layer}.{product}", stat[len(product) + 1:]
+    out[layer][stat] = float(v)
+  return out
+
+
+def conv_counts(conv: SynapticConv, spike: dict, dense: dict, batch: int, T: int, pre: ExpGIF) -> dict:
+  """A synaptic layer's counts per image: `spike`/`dense` are its stats of a spike-mode pass over
+  `batch` images and of the quantize-mode network on one (`_stats_by_layer`); `pre` its presynaptic neuron."""
+  k, _, cin_g, _ = conv.kernel.shape
+  fan_in = k * k * cin_g
+  outputs, ann_outputs = spike["macs"] / fan_in, dense["macs"] / fan_in
+  inputs = spike["inputs"] / batch
+  return {"kind": "conv", "T": T, "sops": spike["sops"] / batch, "in_spikes": spike["in_spikes"] / batch,
+          "inputs": inputs, "outputs": outputs, "macs": dense["macs"], "ann_outputs": ann_outputs,
+          # the quantized ANN reads what it computes on: the classifier's pooled tokens, not every token
+          "ann_inputs": inputs * ann_outputs / outputs, "weights": float(np.prod(conv.kernel.shape)),
+          "in_signed": bool(pre.symmetric), "in_bits": _activation_bits(pre)}
+
+
+def product_counts(spike: dict, dense: dict, batch: int, T: int, a: ExpGIF, b: ExpGIF, scores: bool) -> dict:
+  """An attention product's counts per image (`conv_counts`' arguments); `a`, `b`: the neurons
+  that emit its operands; `scores`: its outputs are the score map (Q K^T)."""
+  out = {"kind": "product", "T": T, "scores": scores, "sops": spike["sops"] / batch,
+         "outputs": spike["outputs"] / batch, "macs": dense["macs"], "ann_outputs": dense["outputs"]}
+  for o, n in (("a", a), ("b", b)):
+    out.update({f"{o}_inputs": spike[f"{o}_inputs"] / batch, f"{o}_spikes": spike[f"{o}_in_spikes"] / batch,
+                f"{o}_signed": bool(n.symmetric), f"{o}_bits": _activation_bits(n)})
+  return out
+
+
+def neuron_counts(neuron: ExpGIF, spike: dict, batch: int) -> dict:
+  """An ExpG-IF layer's counts per image."""
+  return {"kind": "neuron", "T": neuron.T, "neurons": spike["neurons"] / batch, "spikes": spike["spike_count"] / batch,
+          "levels": len(expg_levels(neuron.T, neuron.K).codes), "symmetric": bool(neuron.symmetric)}
+
+
+def _activation_bits(neuron: ExpGIF) -> int:
+  return hardware.activation_bits(len(expg_levels(neuron.T, neuron.K).codes), neuron.symmetric)
+
+
+def layer_counts(model, flat_spike: dict, flat_dense: dict, batch: int, image_shape) -> dict[str, dict]:
+  """Per image and layer, in network order, every count the hardware energy models price
+  (`hardware.terms`): from one spike-mode pass (`flat_spike`, batch totals but MACs) and the
+  quantize-mode network's shapes (`flat_dense`, `_dense_macs`). An ExpG-IF network's."""
+  spike, dense = _stats_by_layer(flat_spike), _stats_by_layer(flat_dense)
+  T = model.cfg.T
+  modules = {".".join(map(str, p)): m for p, m in nnx.iter_graph(model)}
+  counts, pixels = {}, float(np.prod(image_shape))
+  for name, m in modules.items():
+    if not isinstance(m, (ExpGIF, SpikingAttention, SynapticConv)):
+      continue
+    where = dict(zip(("stage", "block"), _unit(tuple(name.split(".")) + ("",))[:2]))
+    if isinstance(m, ExpGIF) and name in spike:
+      counts[name] = {**neuron_counts(m, spike[name], batch), **where}
+    elif isinstance(m, SpikingAttention):
+      # The operands' neurons: Q K^T of two symmetric trains, A V of the attention's (binary) and V's.
+      for prod, (a, b) in (("qk", (m.q_if, m.k_if)), ("av", (m.attn_if, m.v_if))):
+        p = f"{name}.{prod}"
+        counts[p] = {**product_counts(spike[p], dense[p], batch, T, a, b, prod == "qk"), **where}
+    elif isinstance(m, SynapticConv) and name in dense:
+      if name.split(".")[0] in REAL_INPUT_LAYERS:
+        k, _, cin_g, _ = m.kernel.shape
+        outputs = dense[name]["macs"] / (k * k * cin_g)
+        counts[name] = {"kind": "input", **where, "macs": dense[name]["macs"], "outputs": outputs,
+                        "weights": float(np.prod(m.kernel.shape)), "inputs": pixels}
+        pixels = outputs   # an adapter's output is the stem's input
+        continue
+      # The presynaptic neuron: an attention's projection reads its symmetric output neuron; every
+      # other layer a block's or an SConv's (binary) neuron, all of the network's T and K.
+      pre = modules[name.rpartition(".")[0]].out_if if name.endswith("attn.proj") else model.head_if
+      counts[name] = {**conv_counts(m, spike[name], dense[name], batch, T, pre), **where}
+  return dict(sorted(counts.items(), key=lambda kv: _network_order(kv[0])))
+
+
+def _network_order(name: str) -> tuple:
+  """A layer's place: input layers, the stages and blocks in order, the head (graph traversal
+  sorts names alphabetically)."""
+  parts = name.split(".")
+  rank = {"adapter": 0, "stem": 1, "stages": 2, "head_if": 3}.get(parts[0], 4)
+  return (rank, *((int(p), "") if p.isdigit() else (-1, p) for p in parts[1:]))
 
 
 def _dense_macs(model, image_shape) -> dict:
@@ -122,7 +223,7 @@ def _dense_macs(model, image_shape) -> dict:
   def counts():
     m = nnx.merge(graphdef, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes))
     _, flat = capture_stats(lambda m, x: m(x, mode=mode, collect=True), m, jnp.zeros((1, *image_shape), jnp.float32))
-    return {path: v for path, v in flat.items() if path[-1].endswith("macs")}
+    return {path: v for path, v in flat.items() if path[-1].endswith(("macs", "outputs"))}
 
   return jax.device_get(counts())
 

@@ -10,7 +10,7 @@ from etils import epath
 from flax import nnx
 
 from ge2mst_jax.data import pipeline as data_lib
-from ge2mst_jax.evaluate import energy
+from ge2mst_jax.evaluate import energy, hardware
 from ge2mst_jax.nn import models
 from ge2mst_jax.io import paths
 from ge2mst_jax.train import sharding as shd
@@ -72,7 +72,7 @@ def evaluate_checkpoint(cfg, checkpoint_dir: str, step: int | None = None, energ
   model, _ = train_state.model_and_optimizer(setup.graphdef, state)
   model.eval()
   images = _energy_batch(cfg, energy_images)
-  rep = energy.energy_report(model, images)
+  rep = energy.energy_report(model, images, cfg.energy)
   if audit:
     rep["spike_audit"] = spike_audit.audit(model, images, energy_sops=rep["sops_per_layer"])
   return {
@@ -147,6 +147,8 @@ def plot_report(rep: dict, out_dir) -> list[str]:
   fig.tight_layout()
   files.append(_save_figure(fig, out_dir / "firing_rates.png"))
   plt.close(fig)
+  if rep.get("hardware_energy"):
+    files.append(hardware.plot(rep["hardware_energy"], out_dir / "energy.png", _save_figure))
   return files
 
 
@@ -169,7 +171,14 @@ def markdown_report(rep: dict, sweep: list[dict] | None = None) -> str:
             f"| stem MACs / image (4.6 pJ per MAC) | {rep['stem_macs_per_image'] / 1e6:,.3f} M = "
             f"{rep['stem_energy_mj_per_image']:.5f} mJ |",
             f"| ANN-equivalent MACs / image | {rep['macs_per_image'] / 1e6:,.3f} M |",
-            f"| mean firing rate | {rep['mean_firing_rate']:.4f} |", "",
+            f"| mean firing rate | {rep['mean_firing_rate']:.4f} |"]
+  hw = rep.get("hardware_energy")
+  if hw:
+    models = hw["models"]
+    lines += [f"| energy / image, {hardware.TITLES[m]}, stem included | {models[m]['total_mj'] * 1e3:,.3f} µJ |"
+              for m in hardware.MODELS]
+    lines.append(f"| cheaper on this hardware model | {hardware.CHEAPER[hw['cheaper']]} |")
+  lines += ["",
             f"SOPs counted exactly from the spikes of {rep['energy_images']} test images.", "",
             "## SOPs per stage", "", "| stage | M SOPs / image |", "|---|---|"]
   lines += [f"| {k} | {v / 1e6:,.4f} |" for k, v in sorted(rep["sops_per_stage"].items())]
@@ -182,6 +191,9 @@ def markdown_report(rep: dict, sweep: list[dict] | None = None) -> str:
               for r in sweep]
   if "spike_audit" in rep:
     lines += ["", "## Spike audit", "", spike_audit.markdown_table(rep["spike_audit"])]
+  if hw:
+    lines += ["", "## Energy: paper convention, spiking hardware model, quantized ANN", "", hardware.markdown(hw),
+              "", "![energy per stage](energy.png)"]
   lines += ["", "![SOPs](sops.png)", "", "![firing rates](firing_rates.png)", ""]
   return "\n".join(lines)
 

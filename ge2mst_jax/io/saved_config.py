@@ -13,7 +13,7 @@ import ml_collections
 from etils import epath
 from flax import traverse_util
 
-from ge2mst_jax.io import paths
+from ge2mst_jax.io import energy_table, paths
 from ge2mst_jax.io.errors import CheckpointError
 
 FILE = "config.json"
@@ -77,6 +77,8 @@ def defaults() -> ml_collections.ConfigDict:
   # A jax.profiler trace of `steps` train steps (0: off), `after` steps into the run, written to
   # WORKDIR/profile/host_N (ge2mst_jax/train/profiling.py; TensorBoard's profile plugin reads it).
   c.profile = ml_collections.ConfigDict(dict(steps=0, after=10))
+  # The hardware energy model's constants, each with its source (io/energy_table.py; eval.py's report).
+  c.energy = energy_table.table()
   return c
 
 

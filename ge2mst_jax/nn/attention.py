@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ge2mst_jax.nn.attention_kernel import sharded_attention_core
-from ge2mst_jax.nn.blocks import Compute, SynapticConv, make_neuron
+from ge2mst_jax.nn.blocks import Compute, SynapticConv, make_neuron, sow_inputs
 from ge2mst_jax.spiking.forward import Forward
 from ge2mst_jax.spiking.neurons import SpikeTrain, grid_codes, weighted_step_sum
 from ge2mst_jax.spiking.spike_stats import SpikeStats
@@ -123,6 +123,8 @@ def spike_einsum(spec: str, a: SpikeTrain, b: SpikeTrain, *, sow_to: nnx.Module 
   if sow_to is not None:
     count = lambda t: jnp.sum(jnp.abs(t.spikes), axis=0, dtype=jnp.float32)
     sow_to.sow(SpikeStats, f"{name}_sops", jnp.sum(jnp.einsum(spec, count(a), count(b))))
+    sow_inputs(sow_to, a.spikes, f"{name}_a_")
+    sow_inputs(sow_to, b.spikes, f"{name}_b_")
   return out
 
 
@@ -161,6 +163,7 @@ def _product(spec, a, b, ctx: Forward, owner, name, scales=None):
   if ctx.collect:  # dense MACs per image (and per step in stbp): every output sums `contracted` products
     per_image = out.shape[0] * (out.shape[1] if ctx.mode == "stbp" else 1)
     owner.sow(SpikeStats, f"{name}_macs", jnp.asarray(out.size // per_image * contracted, jnp.float32))
+    owner.sow(SpikeStats, f"{name}_outputs", jnp.asarray(out.size, jnp.float32))   # batch total; qk: the score map
   return out
 
 

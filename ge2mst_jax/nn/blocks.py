@@ -342,6 +342,13 @@ def spike_sops_conv(spikes: jax.Array, kernel_shape, stride: int, groups: int) -
   return jnp.sum(reach) * (cout // groups)
 
 
+def sow_inputs(owner: nnx.Module, spikes: jax.Array, prefix: str = "") -> None:
+  """Sows what the hardware energy model reads of a layer's input spike train `(T, B, ...)`: its
+  neurons (batch total, one step) and its non-zero spikes over the T steps (batch total)."""
+  owner.sow(SpikeStats, f"{prefix}inputs", jnp.asarray(spikes[0].size, jnp.float32))
+  owner.sow(SpikeStats, f"{prefix}in_spikes", jnp.sum(jnp.abs(spikes), dtype=jnp.float32))
+
+
 class SynapticConv(nnx.Module):
   """Conv k x k (stride, groups) followed by BatchNorm; a linear layer is k = 1."""
 
@@ -384,6 +391,7 @@ class SynapticConv(nnx.Module):
       y = integrate_steps(unfold_steps(y, steps.shape[0]), x.scale)
       if ctx.collect:
         self.sow(SpikeStats, "sops", spike_sops_conv(x.spikes, self.kernel.shape, self.stride, self.groups))
+        sow_inputs(self, x.spikes)
       return self._finish(y, True, ctx.collect)
     if isinstance(x, SpikeTrain):
       raise TypeError("SynapticConv got a SpikeTrain in quantize mode: call every layer with the same mode.")
