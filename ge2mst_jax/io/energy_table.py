@@ -27,7 +27,7 @@ def table() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict({
       # Energy per operation, pJ.
       "ops": {
-          # The paper's convention (SPEC §4): every SOP a 32-bit float add, every MAC a float mult + add.
+          # The paper's convention (docs/math.md#energy): every SOP a 32-bit float add, every MAC a float mult + add.
           # They price the `paper` model of the comparison; report.json's `energy_mj_per_image` and
           # `stem_energy_mj_per_image` keep the paper's own 0.9 / 4.6 pJ whatever is set here.
           "paper_sop": _op(0.9, f"{_HOROWITZ}: 32-bit float add (the paper's SOP)"),
