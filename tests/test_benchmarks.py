@@ -11,8 +11,8 @@ from tests.test_train import ROOT
 
 pytestmark = pytest.mark.slow   # processes, buckets and long runs: the full suite only
 
-MACHINE_KEYS = {"benchmark", "date", "machine", "processor", "cpu_count", "device_kind", "device_count", "platform",
-                "jax", "flax", "python", "smoke", "rows"}
+MACHINE_KEYS = {"benchmark", "date", "commit", "machine", "processor", "cpu_count", "device_kind", "device_count",
+                "platform", "jax", "flax", "python", "smoke", "rows"}
 ROW_KEYS = {
     "train_step": {"model", "depths", "image_size", "batch", "dtype", "step_s", "images_per_s", "model_flops_per_s",
                    "macs_per_image", "fraction_of_matmul_rate", "peak_bytes", "temp_bytes", "trace_s", "compile_s"},

@@ -5,7 +5,8 @@ threshold come fresh from the kernel at every call, and first touching them cost
 per 4 KiB, which dominates memory-bound work: writing a fresh 32 MiB array takes about 8x as
 long with those faults as without. With `glibc.malloc.hugetlb=1` (glibc >= 2.35) malloc asks
 for transparent huge pages, 512x fewer faults, and the `ge2mst_small` train step on XLA:CPU
-takes about half the time (README, "Huge pages"; `benchmarks/train_step.py` runs with them).
+takes about half the time (docs/training.md, "Compilation cache and huge pages";
+`benchmarks/train_step.py` runs with them).
 With a GPU or TPU the host allocator is not on the step's path, so nothing is gained there.
 
 glibc reads its tunables only when a process starts, so `train.py`, `eval.py` and the

@@ -69,7 +69,7 @@ def defaults() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.async_checkpoints = True
   c.nonfinite = "stop"          # 'stop' (raise, keep the last good checkpoint) | 'skip' (drop the step)
-  # Pods (README "Running on a TPU slice / GPU cluster"):
+  # Pods (docs/pods.md):
   c.lease = ml_collections.ConfigDict(dict(timeout_secs=60.0, heartbeat_secs=10.0))  # work-directory ownership
   c.watchdog_secs = 1800.0      # exit (status 75) when no step or eval batch completes for this long; 0: off
   c.preempted_exit_code = 0     # exit status after a preemption save (e.g. 143 where the scheduler restarts only failures)

@@ -8,7 +8,7 @@ a GW-SSA layer in quantize mode with training's progressive activation, what
 
 with `blend` the attention neuron's `(1 - alpha) clip + alpha Q` (`neurons._blend`). XLA writes
 every score map `(..., G, heads, N, N)` out between its fusions, in (8, 128) tiles that pad
-49 x 49 to 56 x 128 (TPU compiler on v5e, README "What reaches HBM"). Here a score map never
+49 x 49 to 56 x 128 (TPU compiler on v5e, docs/benchmarks.md, the TPU rows). Here a score map never
 leaves the chip: each grid step reads one group's q, k, v for 128 images, keeps the scores in
 VMEM, and writes the group's output; the backward pass recomputes the scores the same way. What
 reaches HBM is q, k, v and O (forward), q, k, v, dO, dq, dk, dv (backward), and two lane-wide
