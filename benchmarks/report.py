@@ -36,6 +36,8 @@ file); "machine" is the host as the file names it, its cores and the devices JAX
 | `paradigms.py` | the paper's Table 1: ExpG-IF against STBP training of the same network for T ∈ {1, 2, 4, 8}: step time, compiled peak memory, SOPs |
 | `inference.py` | spike mode (both integrations) against quantize mode at T = 4; SOPs against FLOPs; the evaluator end to end |
 | `input_pipeline.py` | the ImageNet input pipeline (decoded arrays and a real ArrayRecord set of JPEGs), per worker count, images/s and images per CPU-second |
+| `energy.py` | energy per image of a random-weight network, priced three ways from the same counts: the paper's convention, the hardware model of the spiking execution and the same network as a quantized ANN (docs/energy.md) |
+| `prepare_imagenet.py` | `python -m ge2mst_jax.prepare imagenet2012` on synthetic JPEGs of ImageNet's sizes: images/s and MB/s per worker count |
 | `tpu_aot.py` | with libtpu, on any host: the train and evaluation steps compiled for a TPU topology: memory per chip, FLOPs and HBM bytes per image, roofline, collectives |
 
 Measured figures only: where no row is shown, nothing has been measured.
@@ -55,8 +57,9 @@ def machine(run: dict) -> str:
   return f"{run['machine']}, {run['cpu_count']} cores, {run['device_count']}× {run['device_kind']}"
 
 
-def provenance(run: dict) -> list[str]:
-  return [run["date"][:10], machine(run), run.get("commit") or "–"]
+def provenance(run: dict, row: dict | None = None) -> list[str]:
+  """Date, machine and commit; a benchmark that records the commit per row names it there."""
+  return [run["date"][:10], machine(run), run.get("commit") or (row or {}).get("commit") or "–"]
 
 
 def fmt(value, spec: str) -> str:
@@ -160,6 +163,39 @@ def input_section(runs):
           + table(["stage", "transform", "images/s", "images / CPU-s", *PROV], rows))
 
 
+def energy_section(runs):
+  rows = []
+  for run in runs:
+    for r in run["rows"]:
+      rows.append([f"`{r['model']}` @{r['image_size']}²", f"{r['T']}, {r['K']}", r["weights"],
+                   fmt(r["sops_per_image"] / 1e9, ".3f"), fmt(r["paper_uj"] / 1e3, ".3f"), fmt(r["snn_uj"] / 1e3, ".3f"),
+                   fmt(r["qann_uj"] / 1e3, ".3f"), fmt(r["snn_uj_no_reuse"] / 1e3, ".2f"),
+                   fmt(r["qann_uj_no_reuse"] / 1e3, ".2f"), *provenance(run, r)])
+  return ("## Energy per image\n\n`python benchmarks/energy.py`: one network's exact counts priced three ways "
+          "([](energy.md)): the paper's convention (0.9 pJ per SOP, the stem's MACs at 4.6 pJ), the hardware model "
+          "of the spiking execution, and the same network as a quantized ANN; with operand reuse (the default "
+          "`energy.reuse`) and, in the last two columns, without it (every SOP or MAC reads its weight and reads and "
+          "writes its partial sum in SRAM). Random weights: a trained network fires differently.\n\n"
+          + table(["network", "T, K", "weights", "G SOPs / image", "paper mJ", "SNN mJ", "quantized ANN mJ",
+                   "SNN mJ, no reuse", "quantized ANN mJ, no reuse", *PROV], rows))
+
+
+def prepare_section(runs):
+  rows = []
+  for run in runs:
+    for r in run["rows"]:
+      rows.append([str(r["workers"]), str(r["images"]), fmt(r["images_per_s"], ".0f"),
+                   fmt(r["images_per_s_per_core"], ".0f"), fmt(r["mb_per_s"], ".1f"), fmt(r["imagenet_hours"], ".2f"),
+                   *provenance(run, r)])
+  run0 = runs[0]
+  return ("## Data preparation\n\n`python benchmarks/prepare_imagenet.py`: `python -m ge2mst_jax.prepare "
+          f"imagenet2012` on synthetic JPEGs of ImageNet's sizes (sides {run0['jpeg_sides'][0]} to "
+          f"{run0['jpeg_sides'][1]} px, {run0['mean_jpeg_bytes'] / 1e3:.0f} KB on average) read from the page "
+          "cache ([](data.md)). \"ImageNet h\" is the time the 1.33 M images of train and validation would take "
+          "at that rate, reading from disk excluded.\n\n"
+          + table(["workers", "images", "images/s", "images / CPU-s", "MB/s", "ImageNet h", *PROV], rows))
+
+
 def _is_blocks(run):
   return any(r["step"].startswith("blocks") for r in run["rows"])
 
@@ -224,7 +260,8 @@ def _plot_blocks(plt, bars):
 
 
 SECTIONS = (("train_step", train_step_section, False), ("paradigms", paradigms_section, True),
-            ("inference", inference_section, False), ("input_pipeline", input_section, False),
+            ("inference", inference_section, False), ("energy", energy_section, False),
+            ("input_pipeline", input_section, False), ("prepare_imagenet", prepare_section, False),
             ("tpu_aot", tpu_section, True))
 
 
