@@ -5,6 +5,7 @@ import datetime
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 
@@ -104,8 +105,12 @@ class TrainStep:
 
   def run(self, steps: int) -> float:
     """Median seconds per step over `steps` steps, after one warm-up step."""
+    return float(np.median(self.times(steps)))
+
+  def times(self, steps: int) -> list[float]:
+    """Seconds of each of `steps` steps, after one warm-up step."""
     self.step_once()
-    return float(np.median([self.step_once() for _ in range(steps)]))
+    return [self.step_once() for _ in range(steps)]
 
   def step_once(self) -> float:
     """Seconds of one train step, waiting for its metrics."""
@@ -142,14 +147,33 @@ def interleaved_medians(steppers: list, rounds: int, per_round: int = 2) -> list
   return [float(np.median(t)) for t in times]
 
 
+def commit() -> str | None:
+  """The repository's commit (with '+dirty' where tracked files differ from it); None outside a checkout."""
+  root = os.path.dirname(RESULTS)
+  try:
+    run = lambda *a: subprocess.run(["git", *a], cwd=root, capture_output=True, text=True, timeout=30)
+    head = run("rev-parse", "HEAD")
+    if head.returncode:
+      return None
+    dirty = run("status", "--porcelain", "--untracked-files=no").stdout.strip()
+    return head.stdout.strip() + ("+dirty" if dirty else "")
+  except (OSError, subprocess.SubprocessError):
+    return None
+
+
+def header(name: str, smoke: bool) -> dict:
+  """What every result records first: the benchmark, date, machine, device, versions and commit."""
+  import flax
+  return {"benchmark": name, "date": datetime.datetime.now().isoformat(timespec="seconds"),
+          "machine": platform.node(), "processor": platform.processor() or platform.machine(),
+          "cpu_count": os.cpu_count(), "device_kind": jax.devices()[0].device_kind,
+          "device_count": jax.device_count(), "platform": jax.devices()[0].platform, "jax": jax.__version__,
+          "flax": flax.__version__, "python": platform.python_version(), "commit": commit(), "smoke": smoke}
+
+
 def record(name: str, rows: list, smoke: bool, out_dir: str, **extra) -> str:
   """Writes `{out_dir}/{name}[_smoke].json` with the machine, device, versions and date; returns its path."""
-  import flax
-  result = {"benchmark": name, "date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "machine": platform.node(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "device_kind": jax.devices()[0].device_kind,
-            "device_count": jax.device_count(), "platform": jax.devices()[0].platform, "jax": jax.__version__,
-            "flax": flax.__version__, "python": platform.python_version(), "smoke": smoke, **extra, "rows": rows}
+  result = {**header(name, smoke), **extra, "rows": rows}
   os.makedirs(out_dir, exist_ok=True)
   path = os.path.join(out_dir, name + ("_smoke" if smoke else "") + ".json")
   with open(path, "w") as f:
