@@ -5,6 +5,7 @@ import datetime
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 
@@ -104,8 +105,12 @@ class TrainStep:
 
   def run(self, steps: int) -> float:
     """Median seconds per step over `steps` steps, after one warm-up step."""
+    return float(np.median(self.times(steps)))
+
+  def times(self, steps: int) -> list[float]:
+    """Seconds of each of `steps` steps, after one warm-up step."""
     self.step_once()
-    return float(np.median([self.step_once() for _ in range(steps)]))
+    return [self.step_once() for _ in range(steps)]
 
   def step_once(self) -> float:
     """Seconds of one train step, waiting for its metrics."""
@@ -143,9 +148,8 @@ def interleaved_medians(steppers: list, rounds: int, per_round: int = 2) -> list
 
 
 def source_commit() -> str | None:
-  """The checkout's commit (short hash, `+` when it has uncommitted changes), or None outside git:
+  """The checkout's commit (short hash, `+` when tracked files differ from it), or None outside git:
   docs/benchmarks.md shows it beside each row, so a figure names the code it measured."""
-  import subprocess
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   try:
     git = lambda *a: subprocess.run(["git", "-C", root, *a], capture_output=True, text=True, check=True).stdout.strip()
@@ -154,14 +158,19 @@ def source_commit() -> str | None:
     return None
 
 
+def header(name: str, smoke: bool) -> dict:
+  """What every result records first: the benchmark, date, commit, machine, device and versions."""
+  import flax
+  return {"benchmark": name, "date": datetime.datetime.now().isoformat(timespec="seconds"), "commit": source_commit(),
+          "machine": platform.node(), "processor": platform.processor() or platform.machine(),
+          "cpu_count": os.cpu_count(), "device_kind": jax.devices()[0].device_kind,
+          "device_count": jax.device_count(), "platform": jax.devices()[0].platform, "jax": jax.__version__,
+          "flax": flax.__version__, "python": platform.python_version(), "smoke": smoke}
+
+
 def record(name: str, rows: list, smoke: bool, out_dir: str, **extra) -> str:
   """Writes `{out_dir}/{name}[_smoke].json` with the machine, device, versions, date and commit; returns its path."""
-  import flax
-  result = {"benchmark": name, "date": datetime.datetime.now().isoformat(timespec="seconds"), "commit": source_commit(),
-            "machine": platform.node(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "device_kind": jax.devices()[0].device_kind,
-            "device_count": jax.device_count(), "platform": jax.devices()[0].platform, "jax": jax.__version__,
-            "flax": flax.__version__, "python": platform.python_version(), "smoke": smoke, **extra, "rows": rows}
+  result = {**header(name, smoke), **extra, "rows": rows}
   os.makedirs(out_dir, exist_ok=True)
   path = os.path.join(out_dir, name + ("_smoke" if smoke else "") + ".json")
   with open(path, "w") as f:

@@ -12,18 +12,24 @@ the figure we optimise, since absolute times vary from machine to machine.
 
 import bench_lib
 import jax.numpy as jnp
+import numpy as np
 
 from ge2mst_jax.evaluate import energy
 
 
 def bench_model(name: str, batch: int, steps: int, dtype: str, image_size: int | None = None, **arch) -> dict:
-  ts = bench_lib.TrainStep(bench_lib.train_config(name, batch, image_size, dtype=dtype, **arch))
-  dt = ts.run(steps)
-  size = ts.cfg.data.image_size
+  return bench_step(bench_lib.TrainStep(bench_lib.train_config(name, batch, image_size, dtype=dtype, **arch)), steps)
+
+
+def bench_step(ts: bench_lib.TrainStep, steps: int) -> dict:
+  """The row of a compiled train step timed over `steps` steps (`step_times_s`: each step's seconds)."""
+  times = ts.times(steps)
+  dt, batch, size = float(np.median(times)), ts.cfg.batch_size, ts.cfg.data.image_size
   macs = energy.model_macs(ts.model(), (size, size, 3))["macs_per_image"]
   flops = macs * 2 * 3 * batch / dt   # forward MACs x (multiply + add) x (forward + backward)
-  return {"model": name, "depths": list(ts.cfg.model.arch.depths), "image_size": size, "batch": batch, "dtype": dtype,
-          "step_s": dt, "images_per_s": batch / dt, "model_flops_per_s": flops, "model_gflops_per_s": flops / 1e9,
+  return {"model": ts.cfg.model.name, "depths": list(ts.cfg.model.arch.depths), "image_size": size, "batch": batch,
+          "dtype": ts.cfg.model.arch.dtype, "step_s": dt, "step_times_s": times, "images_per_s": batch / dt,
+          "model_flops_per_s": flops, "model_gflops_per_s": flops / 1e9,
           "macs_per_image": macs, "trace_s": ts.trace_s, "compile_s": ts.compile_s, **ts.memory()}
 
 
