@@ -25,6 +25,7 @@ _LAZY = {
     "eval_transform": "ge2mst_jax.data.transforms",
     "export": "ge2mst_jax.weights",
     "load": "ge2mst_jax.weights",
+    "to_linen": "ge2mst_jax.nn.linen",
 }
 __all__ = sorted(_LAZY)
 

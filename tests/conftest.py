@@ -8,6 +8,8 @@
 import os
 import tempfile
 
+import pytest
+
 from tests import cpu
 
 os.environ["XLA_FLAGS"] = cpu.xla_flags(8, os.environ.get("XLA_FLAGS", ""))
@@ -22,3 +24,16 @@ def pytest_collection_modifyitems(config, items):
   """The slow (multi-process) tests first: two workers then finish together instead of one
   starting a long test when the other has nothing left (longest-first scheduling)."""
   items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+  """`(config, workdir, summary)` of a short digits run (8 steps, checkpoints at 4 and 8): the
+  checkpoint of the evaluation, export and pipeline tests. Their files are one xdist group, so
+  one worker trains it once."""
+  from ge2mst_jax.train import loop as train_lib   # imported here: after the flags above
+  from tests.test_train import small_digits
+  workdir = str(tmp_path_factory.mktemp("digits"))
+  cfg = small_digits(8, checkpoint_every=4)   # the train step most tests share: compiled once
+  out = train_lib.train_and_evaluate(cfg, workdir, quiet=True)
+  return cfg, workdir, out

@@ -29,16 +29,8 @@ from tests import cpu
 from tests.test_models import both_modes
 from tests.test_train import ROOT, cross_device_ops, small_digits
 
-# The tests share a module fixture: one worker computes it once.
+# The tests share conftest's `trained` checkpoint: one worker computes it once.
 pytestmark = pytest.mark.xdist_group("trained_digits")
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("digits"))
-  cfg = small_digits(8, checkpoint_every=4)   # the train step most tests share: compiled once
-  out = train_lib.train_and_evaluate(cfg, workdir, quiet=True)
-  return cfg, workdir, out
 
 
 @pytest.mark.slow

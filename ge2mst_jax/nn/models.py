@@ -8,6 +8,11 @@
 
 `model(images, mode='quantize' | 'spike')` computes the same function in both modes:
 quantizers during training, T-step spike trains at inference.
+
+As a backbone: `logits, out = model.features(images, mode)` (big_vision's convention) gives each
+stage's NHWC map and the pooled `pre_logits`; `num_classes=0` builds the network without a
+classifier (calls return the embedding) and `features_only=True` one whose calls return the
+list of stage maps (timm's names; `model.feature_info` lists their channels and strides).
 """
 from __future__ import annotations
 
@@ -22,7 +27,7 @@ from ge2mst_jax.nn.attention import AttentionBlock, SpikingAttention, check_divi
 from ge2mst_jax.nn.blocks import (SFFN, Compute, EventFrameAdapter, Numerics, SConv, Stem, SynapticConv, make_neuron,
                                name_layers, remat_policy)
 from ge2mst_jax.spiking.forward import Forward
-from ge2mst_jax.spiking.neurons import Neuron
+from ge2mst_jax.spiking.neurons import Neuron, SpikeTrain
 from ge2mst_jax.spiking.stbp import Baseline
 
 
@@ -163,10 +168,17 @@ FAMILY: dict[str, dict] = {
 
 
 class Ge2msT(nnx.Module):
-  """The Ge2mS-T network. Call as `model(images, mode='quantize'|'spike', alpha=1.0)`."""
+  """The Ge2mS-T network. Call as `model(images, mode='quantize'|'spike', alpha=1.0)`.
 
-  def __init__(self, cfg: ArchConfig, num_classes: int = 1000, *, rngs: nnx.Rngs):
-    self.cfg, self.num_classes = cfg, num_classes
+  `num_classes=0`: no classifier; calls return the pooled embedding `[B, C4]`.
+  `features_only=True`: no classifier; calls return the four stage maps (`features`).
+  """
+
+  def __init__(self, cfg: ArchConfig, num_classes: int = 1000, *, features_only: bool = False, rngs: nnx.Rngs):
+    if num_classes < 0:
+      raise ValueError(f"num_classes={num_classes}: pass the number of classes, or 0 for a network without a classifier.")
+    self.cfg, self.features_only = cfg, features_only
+    self.num_classes = 0 if features_only else num_classes
     nr, comp = cfg.neuron_args, cfg.compute
     c0, (c1, c2, c3, c4) = cfg.stem_width, cfg.widths
     self.adapter = (EventFrameAdapter(cfg.event_frames, out_channels=cfg.in_channels, compute=comp, rngs=rngs)
@@ -195,8 +207,15 @@ class Ge2msT(nnx.Module):
     # FLOPs): its pooled input is off the code grid in quantize mode, and bf16 rounding of it
     # would flip close logits between the two modes.
     wide = jnp.promote_types(comp.dtype, jnp.float32)
-    self.classifier = SynapticConv(c4, num_classes, 1, bn=False, bias=True, compute=Compute(wide, wide), rngs=rngs)
+    self.classifier = (SynapticConv(c4, self.num_classes, 1, bn=False, bias=True, compute=Compute(wide, wide), rngs=rngs)
+                       if self.num_classes else None)
     name_layers(self, (SynapticConv, SpikingAttention))
+
+  @property
+  def feature_info(self) -> list[dict]:
+    """The maps `features` returns, as timm lists them: name, channels, stride to the input."""
+    stride = self.cfg.stem_stride * self.cfg.stage1_stride
+    return [{"module": f"stage{i + 1}", "num_chs": c, "reduction": stride * 2 ** i} for i, c in enumerate(self.cfg.widths)]
 
   def check_input(self, images) -> None:
     """One-line errors for images that do not fit this network (raised before any compile)."""
@@ -230,6 +249,36 @@ class Ge2msT(nnx.Module):
     return not first.use_running_average
 
   def __call__(self, images, *, mode: str = "quantize", alpha=1.0, collect: bool = False):
+    """Logits `[B, num_classes]`; the embedding `[B, C4]` without a classifier; the stage maps
+    with `features_only`."""
+    if self.features_only:
+      _, out = self.features(images, mode=mode, alpha=alpha)
+      return [out[f["module"]] for f in self.feature_info]
+    y, _ = self._forward(images, mode, alpha, collect, features=False)
+    return y
+
+  def features(self, images, *, mode: str = "quantize", alpha=1.0) -> tuple[jax.Array, dict]:
+    """`(logits, out)`: the network as a backbone (big_vision's convention).
+
+    out["stage1"] .. out["stage4"]: each stage's output `[B, H_i, W_i, C_i]` (NHWC, strides in
+      `feature_info`) as the network transmits it: the ExpG-IF layer reading it (the next stage's
+      first, or the head's), decoded. Quantize mode: the quantizer's value; spike mode: the spike
+      train's `decode()`, the same values (float32 rounding aside, bitwise on the code grid).
+    out["pre_logits"]: `[B, C4]`, stage 4's map averaged over tokens (the embedding).
+    out["logits"]: `[B, num_classes]`, when the network has a classifier.
+    out["spikes"] (spike mode): `{"stage1": SpikeTrain, ...}` with `.spikes` `[T, B, H_i, W_i, C_i]`
+      in {0, 1} and `.scale` (step t weighs `scale * 2^(T-t)`).
+    The first value is the logits, or the embedding without a classifier.
+    """
+    if mode not in ("quantize", "spike"):
+      raise ValueError(f"features() runs in mode 'quantize' or 'spike', not {mode!r} (ExpG-IF networks).")
+    return self._forward(images, mode, alpha, False, features=True)
+
+  def forward_features(self, images, *, mode: str = "quantize", alpha=1.0) -> jax.Array:
+    """Stage 4's map `[B, H_4, W_4, C4]` before pooling (timm's name; `features()` has them all)."""
+    return self.features(images, mode=mode, alpha=alpha)[1]["stage4"]
+
+  def _forward(self, images, mode, alpha, collect, features: bool):
     ctx = Forward.of(mode, alpha, collect)   # the one place the pass's properties are decided
     if (mode == "stbp") != (self.cfg.paradigm == "stbp"):
       raise ValueError(f"A {self.cfg.paradigm!r} network runs in mode(s) {self.cfg.eval_modes}, not {mode!r}.")
@@ -243,10 +292,25 @@ class Ge2msT(nnx.Module):
     x = self.stem(x, ctx)
     if mode == "stbp":  # direct encoding: the stem's output is the input current of every step
       x = jnp.broadcast_to(x, (self.cfg.T, *x.shape))
-    for stage in self.stages:
+    trains = {}
+    for i, stage in enumerate(self.stages):
       for block in stage:
         x = call_block(block, x, ctx, remat=self.cfg.remat)
+      if features and i < 3:   # the spikes stage i+2's down-sampling SConv computes from this map
+        trains[f"stage{i + 1}"] = self.stages[i + 1][0].neuron(x, ctx)
     s = self.head_if(x, ctx)
+    out = {}
+    if features:
+      trains["stage4"] = s
+      out = {k: t.decode() if mode == "spike" else t for k, t in trains.items()}
+      if mode == "spike":
+        out["spikes"] = trains
+    if features or self.classifier is None:
+      v = s.decode() if isinstance(s, SpikeTrain) else s
+      out["pre_logits"] = jnp.mean(v.astype(jnp.promote_types(v.dtype, jnp.float32)), axis=(-3, -2))
+    if self.classifier is None:
+      y = out["pre_logits"]
+      return (jnp.mean(y, axis=0) if mode == "stbp" else y), out   # stbp: the T steps' mean, as its logits
     if mode == "spike" or (mode == "stbp" and collect):
       # The classifier consumes spikes token by token; pooling is additions. Linear, so training
       # pools first (the same function, fewer operations).
@@ -254,7 +318,10 @@ class Ge2msT(nnx.Module):
     else:
       pooled = jnp.mean(s.astype(jnp.promote_types(s.dtype, jnp.float32)), axis=(-3, -2), keepdims=True)
       logits = self.classifier(pooled, ctx)[..., 0, 0, :]
-    return jnp.mean(logits, axis=0) if mode == "stbp" else logits
+    logits = jnp.mean(logits, axis=0) if mode == "stbp" else logits
+    if features:
+      out["logits"] = logits
+    return logits, out
 
 
 def call_block(block, x, ctx: Forward, *, remat: str = "none"):
@@ -277,15 +344,19 @@ def arch_config(name: str, **overrides) -> ArchConfig:
   return ArchConfig.from_flat(**{**FAMILY[name], **overrides})   # which names unknown options
 
 
-def create_model(name: str, num_classes: int = 1000, rngs: nnx.Rngs | int = 0, **overrides) -> Ge2msT:
+def create_model(name: str, num_classes: int = 1000, rngs: nnx.Rngs | int = 0, *, features_only: bool = False,
+                 **overrides) -> Ge2msT:
   """`create_model('ge2mst_small', num_classes=1000, rngs=nnx.Rngs(0), T=4, K=2)`.
+
+  `num_classes=0` builds the network without a classifier (it returns the pooled embedding);
+  `features_only=True` one that returns the four stage maps (see `Ge2msT.features`).
 
   `rngs` initialises the weights: an `nnx.Rngs`, or an int seed. The default is seed 0, so
   two calls without `rngs` build identical networks; pass a seed to get another draw.
   The network is in training mode (BatchNorm on batch statistics): `model.eval()` before
   inference, which spike mode requires.
   """
-  return Ge2msT(arch_config(name, **overrides), num_classes, rngs=_as_rngs(rngs))
+  return Ge2msT(arch_config(name, **overrides), num_classes, features_only=features_only, rngs=_as_rngs(rngs))
 
 
 def arch_from_config(cfg) -> ArchConfig:
