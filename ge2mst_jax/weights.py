@@ -135,7 +135,12 @@ def _evaluation(workdir, step: int) -> dict:
   """The figures of `workdir`'s evaluation report (eval.py's default place) if it is of `step`."""
   report = epath.Path(workdir) / "eval" / "report.json"
   rep = json.loads(report.read_text()) if report.exists() else {}
-  return {k: rep[k] for k in EVALUATION_KEYS if k in rep} if rep.get("step") == step else {}
+  if rep.get("step") != step:
+    return {}
+  ev = {k: rep[k] for k in EVALUATION_KEYS if k in rep}
+  if rep.get("hardware_energy"):   # eval.py's energy models (docs/energy.md), stem included
+    ev["energy_mj_per_image_by_model"] = {m: v["total_mj"] for m, v in rep["hardware_energy"]["models"].items()}
+  return ev
 
 
 def export(workdir, out, step: int | None = None, *, platforms=("cpu",), programs: tuple | None = None) -> str:

@@ -98,7 +98,7 @@ def test_linen_module_gives_the_loaded_logits_and_trains(trained):
   # A Linen + optax train step from a fresh initialisation: batch statistics mutable, the loss falls.
   fresh = module.init(jax.random.key(1), x, train=True)
   assert jax.tree.structure(fresh) == jax.tree.structure(variables)
-  tx = optax.adam(2e-2)
+  tx = optax.adam(1e-2)
 
   @jax.jit
   def step(params, batch_stats, opt_state):
@@ -111,12 +111,12 @@ def test_linen_module_gives_the_loaded_logits_and_trains(trained):
 
   params, batch_stats = fresh["params"], fresh["batch_stats"]
   opt_state, losses = tx.init(params), []
-  for _ in range(6):
+  for _ in range(8):
     params, new_stats, opt_state, loss = step(params, batch_stats, opt_state)
     assert not jax.tree.all(jax.tree.map(jnp.array_equal, new_stats, batch_stats))   # running statistics move
     batch_stats = new_stats
     losses.append(float(loss))
-  assert losses[-1] < 0.9 * losses[0], losses
+  assert losses[-1] < 0.9 * losses[0] and losses[-1] == min(losses), losses
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +129,8 @@ def exported(trained, tmp_path_factory):
     (shutil.copytree if name == "checkpoints" else shutil.copy)(os.path.join(workdir, name), wd / name)
   report = {"step": 8, "accuracy_quantize": out["accuracy_quantize"], "accuracy_spike": out["accuracy_spike"],
             "prediction_agreement": 1.0, "examples": 360.0, "sops_per_image": 1234567.0,
-            "energy_mj_per_image": 0.9e-9 * 1234567.0, "energy_images": 16, "T": 4, "K": 2, "sops_per_layer": {}}
+            "energy_mj_per_image": 0.9e-9 * 1234567.0, "energy_images": 16, "T": 4, "K": 2, "sops_per_layer": {},
+            "hardware_energy": {"models": {"paper": {"total_mj": 0.0012}, "snn": {"total_mj": 0.0031}}, "cheaper": "snn"}}
   (wd / "eval").mkdir()
   (wd / "eval" / "report.json").write_text(json.dumps(report))
   folder = tmp_path_factory.mktemp("export") / "digits-ge2mst"
@@ -148,6 +149,7 @@ def test_export_folder_is_a_model_repository_with_a_card_of_its_numbers(trained,
   assert manifest["programs"]["spike"]["platforms"] == ["cpu", "cuda"]
   assert manifest["input"] == {"shape": ["b", 16, 16, 3], "dtype": "float32", "mean": [0.5] * 3, "std": [0.5] * 3}
   assert manifest["evaluation"]["sops_per_image"] == report["sops_per_image"] and "sops_per_layer" not in manifest["evaluation"]
+  assert manifest["evaluation"]["energy_mj_per_image_by_model"] == {"paper": 0.0012, "snn": 0.0031}
   assert saved_config.diff(saved_config.read(folder), cfg) == []
   model, _ = ge2mst_jax.load(workdir)
   assert manifest["params"] == models.count_params(model)
@@ -158,6 +160,7 @@ def test_export_folder_is_a_model_repository_with_a_card_of_its_numbers(trained,
               f"| accuracy, quantize mode | {100 * out['accuracy_quantize']:.2f} % |",
               f"| accuracy, spike mode | {100 * out['accuracy_spike']:.2f} % |",
               "| SOPs / image | 1.235 M |", "| energy / image | 0.00111 mJ |",
+              "| energy / image, `snn` energy model, stem included | 3.100 µJ |",
               "| data set | digits (10 classes, 16x16 input) |", "model.spike.jaxexport` | spike mode as a `jax.export` "
               "program (cpu, cuda) |", "Accuracy over 360 test images of digits.", "checkpoint step 8"):
     assert row in card, row

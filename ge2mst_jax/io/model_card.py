@@ -41,6 +41,8 @@ def model_card(manifest: dict) -> str:
   if "sops_per_image" in ev:
     lines += [f"| SOPs / image | {ev['sops_per_image'] / 1e6:,.3f} M |",
               f"| energy / image | {ev['energy_mj_per_image']:.5f} mJ |"]
+    lines += [f"| energy / image, `{m}` energy model, stem included | {mj * 1e3:,.3f} µJ |"
+              for m, mj in ev.get("energy_mj_per_image_by_model", {}).items()]
   else:
     lines.append("| SOPs, energy / image | not evaluated (run eval.py on the work directory before exporting) |")
   lines.append("")
@@ -48,7 +50,8 @@ def model_card(manifest: dict) -> str:
     lines.append(f"Accuracy over {int(_measured(manifest, 'examples'))} test images of {dataset}.")
   if "sops_per_image" in ev:
     lines.append(f"SOPs counted from the spikes of {ev.get('energy_images', 'the')} test images "
-                 f"(the stem's multiply-accumulates excluded), energy at 0.9 pJ per SOP.")
+                 f"(the stem's multiply-accumulates excluded), energy at 0.9 pJ per SOP"
+                 + ("; the energy models are ge2mst_jax's docs/energy.md." if "energy_mj_per_image_by_model" in ev else "."))
   mean, std = inp["mean"], inp["std"]
   lines += ["", "## Files", "", "| file | what |", "|---|---|",
             f"| `{manifest['file']}` | every model array (parameters, BatchNorm statistics, thresholds) under its "
@@ -67,6 +70,6 @@ def model_card(manifest: dict) -> str:
   if manifest.get("programs"):
     mode = "spike" if "spike" in manifest["programs"] else next(iter(manifest["programs"]))
     lines += [f"With JAX alone (any batch size; the output is {head}):", "", "```python", "import jax",
-              f"program = jax.export.deserialize(open(\"{manifest['programs'][mode]['file']}\", \"rb\").read())",
+              f"program = jax.export.deserialize(bytearray(open(\"{manifest['programs'][mode]['file']}\", \"rb\").read()))",
               "out = program.call(images)", "```", ""]
   return "\n".join(lines)

@@ -260,14 +260,15 @@ class Ge2msT(nnx.Module):
   def features(self, images, *, mode: str = "quantize", alpha=1.0) -> tuple[jax.Array, dict]:
     """`(logits, out)`: the network as a backbone (big_vision's convention).
 
-    out["stage1"] .. out["stage4"]: each stage's output `[B, H_i, W_i, C_i]` (NHWC, strides in
+    - `out["stage1"]` .. `out["stage4"]`: each stage's output `[B, H_i, W_i, C_i]` (NHWC, strides in
       `feature_info`) as the network transmits it: the ExpG-IF layer reading it (the next stage's
       first, or the head's), decoded. Quantize mode: the quantizer's value; spike mode: the spike
       train's `decode()`, the same values (float32 rounding aside, bitwise on the code grid).
-    out["pre_logits"]: `[B, C4]`, stage 4's map averaged over tokens (the embedding).
-    out["logits"]: `[B, num_classes]`, when the network has a classifier.
-    out["spikes"] (spike mode): `{"stage1": SpikeTrain, ...}` with `.spikes` `[T, B, H_i, W_i, C_i]`
+    - `out["pre_logits"]`: `[B, C4]`, stage 4's map averaged over tokens (the embedding).
+    - `out["logits"]`: `[B, num_classes]`, when the network has a classifier.
+    - `out["spikes"]` (spike mode): `{"stage1": SpikeTrain, ...}` with `.spikes` `[T, B, H_i, W_i, C_i]`
       in {0, 1} and `.scale` (step t weighs `scale * 2^(T-t)`).
+
     The first value is the logits, or the embedding without a classifier.
     """
     if mode not in ("quantize", "spike"):
