@@ -171,15 +171,8 @@ def test_spike_mode_equals_quantize_mode_float64(variant):
 
 
 def _distinct_matmul_precisions() -> tuple[str, ...]:
-  """('bfloat16', 'highest'), or ('highest',) where a float32 product does not depend on the
-  setting (XLA:CPU), checked on a product whose operands bf16 cannot hold."""
-  a, b = jax.random.normal(jax.random.key(0), (64, 64)), jax.random.normal(jax.random.key(1), (64, 64))
-  product = jax.jit(lambda a, b: a @ b)
-  with jax.default_matmul_precision("bfloat16"):
-    low = product(a, b)
-  with jax.default_matmul_precision("highest"):
-    high = product(a, b)
-  return ("highest",) if np.array_equal(low, high) else ("bfloat16", "highest")
+  """('bfloat16', 'highest'), or ('highest',) where a float32 product does not depend on the setting."""
+  return ("bfloat16", "highest") if blocks.float32_matmul_follows_precision() else ("highest",)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

@@ -150,6 +150,19 @@ class Numerics:
     return Compute(jnp.dtype(self.dtype), jnp.dtype(act), depthwise, kernel_grad, attention)
 
 
+def float32_matmul_follows_precision() -> bool:
+  """Whether this backend computes a float32 product differently at 'bfloat16' and 'highest'
+  precision (XLA:CPU does not: it computes float32 in full whatever the setting), checked on a
+  product whose operands bfloat16 cannot hold."""
+  a, b = jax.random.normal(jax.random.key(0), (64, 64)), jax.random.normal(jax.random.key(1), (64, 64))
+  product = jax.jit(lambda a, b: a @ b)
+  with jax.default_matmul_precision("bfloat16"):
+    low = product(a, b)
+  with jax.default_matmul_precision("highest"):
+    high = product(a, b)
+  return not bool(jnp.array_equal(low, high))
+
+
 class BatchNorm(nnx.BatchNorm):
   """`nnx.BatchNorm` (the same variables, modes and arithmetic, op for op) that replaces its
   running statistics whole in training instead of through flax's `[...] =`.
