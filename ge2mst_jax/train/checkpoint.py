@@ -205,8 +205,8 @@ class Checkpoints:
       raise CheckpointWriteError(self._write_failure(e)) from None
 
   def _discard_unfinished(self) -> None:
-    """Removes the temporary directories of saves that did not finish (process 0; the other
-    saves' threads have stopped or fail the same way). A step is complete only once orbax
+    """Removes the temporary directories of saves that did not finish, once their threads have
+    stopped (process 0 removes, as it lists for everyone). A step is complete only once orbax
     renamed it from its temporary name (or, in a bucket, wrote its commit marker), so nothing
     removed here was complete."""
     for manager in (self.manager, self.best):
@@ -221,7 +221,7 @@ class Checkpoints:
           p.rmtree() if p.is_dir() else p.unlink()
 
   def _write_failure(self, e: BaseException) -> str:
-    cause, full = _root_cause(e), None
+    cause = _root_cause(e)
     if isinstance(cause, OSError) and cause.errno is not None:
       full = cause.errno in (errno.ENOSPC, errno.EDQUOT)
       what = f"[Errno {cause.errno}] {os.strerror(cause.errno)}"
