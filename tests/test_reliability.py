@@ -1,4 +1,5 @@
 """Preemption, work-directory locking and numerical faults."""
+import errno
 import json
 import os
 import random
@@ -12,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from etils import epath
 from flax import nnx
 
 from ge2mst_jax.train import checkpoint as ckpt_lib
@@ -140,6 +142,35 @@ def test_training_falls_back_past_a_damaged_checkpoint_and_keeps_it_aside(tmp_pa
   for a, b in zip(jax.tree.leaves(first["state"]), jax.tree.leaves(again["state"])):
     np.testing.assert_array_equal(a, b)
   assert os.path.isdir(tmp_path / "checkpoints" / "8")
+
+
+def test_a_full_disk_is_one_line_naming_the_last_complete_checkpoint_and_keeps_it(tmp_path, monkeypatch, capfd):
+  # The disk fills up while step 4 is saved (the first file orbax writes into it fails with
+  # ENOSPC, in its background thread as a user's async saves do); steps 1-6, saves every 2.
+  path_cls, wd = type(epath.Path(tmp_path)), tmp_path / "wd"
+  real_write = path_cls.write_text
+
+  def write_text(self, *args, **kw):
+    if f"checkpoints{os.sep}4." in str(self):
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
+    return real_write(self, *args, **kw)
+
+  cfg = small_digits(6, checkpoint_every=2, async_checkpoints=True, eval_modes=("quantize",))
+  with monkeypatch.context() as patch:
+    patch.setattr(path_cls, "write_text", write_text)
+    with pytest.raises(errors.CheckpointWriteError) as err:
+      train_lib.train_and_evaluate(cfg, str(wd), quiet=True)
+  msg = str(err.value)
+  assert "\n" not in msg and "Traceback" not in capfd.readouterr().err
+  assert msg == (f"Could not write a checkpoint to {wd / 'checkpoints'} ([Errno 28] No space left on device); the "
+                 f"last complete checkpoint is {wd / 'checkpoints' / '2'} (step 2): free space there or pass another "
+                 f"--workdir (copy the checkpoints over to keep them), then run the same command to resume from it.")
+  assert sorted(os.listdir(wd / "checkpoints")) == ["2", "best"]            # no temporary step 4 left
+  assert all(".orbax-checkpoint-tmp" not in n for n in os.listdir(wd / "checkpoints" / "best"))
+  # Space again: the same command resumes from step 2 and takes each later step once.
+  train_lib.train_and_evaluate(cfg, str(wd), quiet=True)
+  steps = [r["step"] for r in read_metrics(wd)]
+  assert steps == [1, 2, 3, 4, 5, 6] + [3, 4, 5, 6], steps   # the failed save came to light at step 6
 
 
 def test_a_save_on_eight_devices_compiles_nothing_and_restores_exactly(tmp_path, monkeypatch):

@@ -9,6 +9,10 @@ class CheckpointError(RuntimeError):
   """No usable checkpoint (or saved config, or export) where one was asked for."""
 
 
+class CheckpointWriteError(CheckpointError):
+  """A checkpoint could not be written (a full disk, an unreachable bucket); the complete ones are kept."""
+
+
 class IncompatibleCheckpointError(CheckpointError):
   """A readable checkpoint written for another model (shapes differ)."""
 

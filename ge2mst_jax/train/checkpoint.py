@@ -32,7 +32,10 @@ and config keys, and nothing is moved.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
+import os
 
 import jax
 import numpy as np
@@ -43,7 +46,7 @@ from flax import nnx, traverse_util
 from ge2mst_jax.io import paths
 from ge2mst_jax.io import saved_config
 from ge2mst_jax.train import sharding as shd
-from ge2mst_jax.io.errors import CheckpointError, IncompatibleCheckpointError
+from ge2mst_jax.io.errors import CheckpointError, CheckpointWriteError, IncompatibleCheckpointError
 from ge2mst_jax.nn.models import legacy_path
 
 ITEMS = ("state", "format", "data_position")
@@ -132,6 +135,17 @@ def shape_mismatches(saved: dict, target: dict) -> list[str]:
           if s.get(k) != t.get(k)]
 
 
+def _root_cause(e: BaseException) -> BaseException:
+  """The first OSError with an errno in `e`'s chain of causes, else the innermost cause."""
+  seen = []
+  while e is not None and e not in seen:
+    if isinstance(e, OSError) and e.errno is not None:
+      return e
+    seen.append(e)
+    e = e.__cause__ or e.__context__
+  return seen[-1]
+
+
 # ----------------------------------------------------------------------------
 # The checkpoint directory
 # ----------------------------------------------------------------------------
@@ -146,6 +160,7 @@ class Checkpoints:
     self.manager = ocp.CheckpointManager(self.directory, options=opts, item_handlers=_handlers(*ITEMS))
     self.best_metric = best_metric
     self.best = None
+    self._failed = False
     if best_metric:
       best_opts = ocp.CheckpointManagerOptions(max_to_keep=1, create=True, best_fn=lambda m: m[best_metric],
                                                best_mode="max", enable_async_checkpointing=async_save,
@@ -154,27 +169,84 @@ class Checkpoints:
                                         item_handlers=_handlers("state", "format"))
 
   # -- saving ------------------------------------------------------------------
+  # A save that fails (a full disk, a bucket that went away) fails in orbax's background thread
+  # and surfaces at the next save or wait, as whatever its storage layer raised. `_writing` makes
+  # it one `CheckpointWriteError` naming the cause, the last complete checkpoint and the fix, and
+  # removes what the failed save left behind; complete steps are never touched.
   def save(self, step: int, state, data_position: dict | None = None, force: bool = False) -> bool:
     args = {"state": ocp.args.PyTreeSave(to_pure(state)), "format": ocp.args.JsonSave(FORMAT)}
     if data_position is not None:
       args["data_position"] = ocp.args.JsonSave(data_position)
-    return self.manager.save(step, args=ocp.args.Composite(**args), force=force)
+    with self._writing():
+      return self.manager.save(step, args=ocp.args.Composite(**args), force=force)
 
   def save_best(self, step: int, state, metrics: dict) -> None:
-    if self.best is not None and step not in self.best.all_steps():
-      self.best.save(step, args=ocp.args.Composite(state=ocp.args.PyTreeSave(to_pure(state)),
-                                                   format=ocp.args.JsonSave(FORMAT)),
-                     metrics={k: float(v) for k, v in metrics.items()}, force=True)
+    with self._writing():
+      if self.best is not None and step not in self.best.all_steps():
+        self.best.save(step, args=ocp.args.Composite(state=ocp.args.PyTreeSave(to_pure(state)),
+                                                     format=ocp.args.JsonSave(FORMAT)),
+                       metrics={k: float(v) for k, v in metrics.items()}, force=True)
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
-    if self.best is not None:
-      self.best.wait_until_finished()
+    with self._writing():
+      self.manager.wait_until_finished()
+      if self.best is not None:
+        self.best.wait_until_finished()
+
+  @contextlib.contextmanager
+  def _writing(self):
+    try:
+      yield
+    except Exception as e:  # orbax, tensorstore, gcsfs and the OS raise many types
+      if self._failed:
+        raise
+      self._failed = True
+      self._discard_unfinished()
+      raise CheckpointWriteError(self._write_failure(e)) from None
+
+  def _discard_unfinished(self) -> None:
+    """Removes the temporary directories of saves that did not finish, once their threads have
+    stopped (process 0 removes, as it lists for everyone). A step is complete only once orbax
+    renamed it from its temporary name (or, in a bucket, wrote its commit marker), so nothing
+    removed here was complete."""
+    for manager in (self.manager, self.best):
+      with contextlib.suppress(Exception):
+        if manager is not None:
+          manager.wait_until_finished()
+    if jax.process_index() != 0:
+      return
+    for d in (self.directory, self.directory / "best"):
+      with contextlib.suppress(Exception):   # an unreachable bucket: nothing can be removed now
+        for p in d.glob("*.orbax-checkpoint-tmp*"):
+          p.rmtree() if p.is_dir() else p.unlink()
+
+  def _write_failure(self, e: BaseException) -> str:
+    cause = _root_cause(e)
+    if isinstance(cause, OSError) and cause.errno is not None:
+      full = cause.errno in (errno.ENOSPC, errno.EDQUOT)
+      what = f"[Errno {cause.errno}] {os.strerror(cause.errno)}"
+    else:
+      what = f"{type(cause).__name__}: {' '.join(str(cause).split())[:300]}"
+      full = "No space left on device" in what or "Disk quota exceeded" in what
+    try:
+      steps = self.steps()
+      last = (f"the last complete checkpoint is {self.step_path(steps[-1])} (step {steps[-1]})" if steps
+              else "no checkpoint is complete yet")
+    except Exception:  # the storage cannot even be listed
+      last = "its steps cannot be listed now (those complete before stay as they are)"
+    fix = ("free space there or pass another --workdir (copy the checkpoints over to keep them)" if full else
+           "check that it can be written (a bucket or network share that went away: wait until it is back)")
+    return (f"Could not write a checkpoint to {self.directory} ({what}); {last}: {fix}, then run the "
+            f"same command to resume from it.")
 
   def close(self) -> None:
-    self.manager.close()
-    if self.best is not None:
-      self.best.close()
+    # After a failed save orbax raises its error again at every wait; it was reported once.
+    with contextlib.suppress(Exception) if self._failed else self._writing():
+      self.manager.close()
+      if self.best is not None:
+        self.best.close()
+    if self._failed:  # a failed save's writers may still have been running when it was reported
+      self._discard_unfinished()
 
   # -- restoring ---------------------------------------------------------------
   def steps(self) -> list[int]:

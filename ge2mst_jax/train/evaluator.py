@@ -5,6 +5,7 @@ pytree, so evaluation syncs with the host once, at the end, not once a batch.
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 
 import jax
@@ -91,8 +92,13 @@ def make_eval_step(cfg, setup: TrainSetup, modes=("quantize", "spike")):
 
 
 def evaluate(cfg, setup: TrainSetup, state, eval_step=None, modes=None,
-             progress: bool = False, beat=lambda: None) -> dict[str, float]:
-  """Accuracy (and agreement) over the test split; `beat()` after each batch (the watchdog)."""
+             progress: bool = False, watchdog=None, step: int = 0) -> dict[str, float]:
+  """Accuracy (and agreement) over the test split.
+
+  With a `run_control.Watchdog`, each batch beats once its result is ready (the batch before is
+  awaited only after the next one was read, so input and compute still overlap) and the first
+  batch, which compiles, is held.
+  """
   modes = tuple(modes or eval_modes(cfg))
   eval_step = eval_step or make_eval_step(cfg, setup, modes)
   metrics_def, metrics_state = nnx.split(EvalMetrics(modes, cfg.data.num_classes))
@@ -101,7 +107,14 @@ def evaluate(cfg, setup: TrainSetup, state, eval_step=None, modes=None,
   if progress and jax.process_index() == 0:
     total = -(-data_lib.num_examples(cfg.data, "test") // cfg.eval_batch_size)
     batches = tqdm(batches, total=total, desc="eval", unit="batch", disable=not sys.stderr.isatty())
-  for local in batches:
-    metrics_state = eval_step(state, metrics_state, shd.global_batch(local, setup.mesh))
-    beat()
+  for i, local in enumerate(batches):
+    batch = shd.global_batch(local, setup.mesh)
+    if watchdog is None:
+      metrics_state = eval_step(state, metrics_state, batch)
+      continue
+    if i:
+      jax.block_until_ready(metrics_state)
+      watchdog.beat(step, "eval")
+    with watchdog.held("compile", step) if i == 0 else contextlib.nullcontext():
+      metrics_state = eval_step(state, metrics_state, batch)
   return nnx.merge(metrics_def, jax.device_get(metrics_state)).compute()

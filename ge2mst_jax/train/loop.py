@@ -32,7 +32,7 @@ from ge2mst_jax.train.finetune import load_pretrained
 from ge2mst_jax.train.metrics import MetricWriter
 from ge2mst_jax.nn.models import arch_from_config
 from ge2mst_jax.spiking.neurons import alpha_schedule
-from ge2mst_jax.train.run_control import PreemptionCheck, Watchdog, check_workdir, workdir_lease
+from ge2mst_jax.train.run_control import InFlight, PreemptionCheck, Watchdog, check_workdir, workdir_lease
 from ge2mst_jax.train.state import (TrainSetup, abstract_train_state, eval_modes, fill, initialize,
                                     learning_rate_schedule, model_and_optimizer, state_of)
 
@@ -171,19 +171,22 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir, quiet: bool = Fa
     # ---- The loop.
     preemption = stack.enter_context(PreemptionCheck())
     watchdog = stack.enter_context(Watchdog(cfg.watchdog_secs))
+    in_flight = InFlight(watchdog)
     trace = stack.enter_context(profiling.StepTrace(cfg, wd, start + 1, writer.log))
     t0, seen, last_log = time.time(), 0, start
     for step in range(start + 1, cfg.total_steps + 1):
       batch = shd.global_batch(next(train_iter), mesh)
       trace.before(step)
-      state, metrics = train_step(state, batch)
+      with watchdog.held("compile", step) if step == start + 1 else contextlib.nullcontext():
+        state, metrics = train_step(state, batch)
       trace.after(step, metrics)
       records += local_bs
       seen += cfg.batch_size
-      watchdog.beat(step)
+      in_flight.push(step, metrics)
       stop = preemption.reached(step)  # every host, every step: they agree on the step
       saving = bool(cfg.checkpoint_every) and step % cfg.checkpoint_every == 0 and step != cfg.total_steps
       if step % cfg.log_every == 0 or step == cfg.total_steps or saving or stop:
+        in_flight.drain()
         m = jax.device_get(metrics)
         if not m["finite"] and cfg.nonfinite == "stop":
           raise NonFiniteError(
@@ -200,23 +203,29 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir, quiet: bool = Fa
         raise RuntimeError(f"Another run ({lease.lost_to}) took over the work directory {wd} (this run's "
                            f"heartbeat was late by more than lease.timeout_secs); stopping without writing.")
       if saving or stop:
-        ckpts.save(step, state, data_lib.data_position(records, n_train), force=stop)
+        with watchdog.in_phase("checkpoint", step):
+          ckpts.save(step, state, data_lib.data_position(records, n_train), force=stop)
+          if stop:
+            ckpts.wait()
       if stop:
-        ckpts.wait()
         raise Preempted(f"Stopped by {preemption.describe()} at step {step}; saved {ckpts.step_path(step)}. "
                         f"Run the same command to resume.")
       if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.total_steps:
-        res = evaluate(cfg, setup, state, eval_step, modes, beat=lambda: watchdog.beat(step, "eval"))
+        in_flight.drain()
+        res = evaluate(cfg, setup, state, eval_step, modes, watchdog=watchdog, step=step)
         writer.write(step, res, "eval")
-        ckpts.save_best(step, state, res)
+        with watchdog.in_phase("checkpoint", step):
+          ckpts.save_best(step, state, res)
 
     # ---- The last step saved, the final evaluation, the summary.
     if start < cfg.total_steps:
-      ckpts.save(cfg.total_steps, state, data_lib.data_position(records, n_train), force=True)
-    final = evaluate(cfg, setup, state, eval_step, modes, beat=lambda: watchdog.beat(cfg.total_steps, "eval"))
+      with watchdog.in_phase("checkpoint", cfg.total_steps):
+        ckpts.save(cfg.total_steps, state, data_lib.data_position(records, n_train), force=True)
+    final = evaluate(cfg, setup, state, eval_step, modes, watchdog=watchdog, step=cfg.total_steps)
     writer.write(cfg.total_steps, final, "eval")
-    ckpts.save_best(cfg.total_steps, state, final)
-    ckpts.wait()
+    with watchdog.in_phase("checkpoint", cfg.total_steps):
+      ckpts.save_best(cfg.total_steps, state, final)
+      ckpts.wait()
     arch = arch_from_config(cfg)
     summary = {"step": cfg.total_steps, "workdir": str(wd), **final, "T": arch.T, "K": arch.K}
     if jax.process_index() == 0:

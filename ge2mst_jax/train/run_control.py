@@ -12,12 +12,14 @@ decision for all hosts, and a step-progress watchdog.
 - `PreemptionCheck`: on one process, SIGTERM/SIGINT set a flag checked between steps. On
   several, JAX's preemption service (started by `jax.distributed.initialize`, which catches
   SIGTERM itself) tells every host the same step to save at, whichever host got the signal.
-- `Watchdog`: a host whose steps stop (a dead peer, a collective that never completes) logs
-  the step and host and exits with `EXIT_STALLED`, so the scheduler restarts the job from the
-  last checkpoint instead of holding the slice forever.
+- `Watchdog`: a host whose steps stop completing (a dead or frozen peer, a collective that
+  never completes) logs the step and host and exits with `EXIT_STALLED`, so the scheduler
+  restarts the job from the last checkpoint instead of holding the slice forever. It counts
+  completed work (`InFlight`), never dispatch, and does not count compiles and saves.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import logging
@@ -177,20 +179,53 @@ class PreemptionCheck:
 
 
 class Watchdog:
-  """Exits the process when `beat()` is not called for `timeout_secs` (0: off).
+  """Exits the process when no work completes for `timeout_secs` (0: off).
 
-  Armed by the first beat, so that the first step's compile does not count as a stall.
+  Work completes when its results are ready, not when it is dispatched: JAX returns from a step
+  call at once and lets the host run ahead, so a beat at dispatch followed by a host sync that
+  waits for the whole backlog looks like a stall to a watchdog that is only late. The loop
+  beats through `InFlight` (a train step whose outputs are ready) and the evaluator after each
+  completed batch. A checkpoint save is work of its own kind: `in_phase(...)` beats when it starts
+  and when it ends, so it has the whole timeout (a save waits for its peers at barriers that
+  have no timeout of their own, so it must stay watched). A compile reports nothing while it
+  runs and waits for no peer: it runs inside `held(...)`, where the clock stops, and starts
+  afresh when it ends. Armed by the first beat.
   """
 
   def __init__(self, timeout_secs: float, exit_fn=os._exit):
     self.timeout = float(timeout_secs)
     self.step, self.phase, self.last = 0, "start", None
+    self._held = 0
     self._exit = exit_fn
     self._stop = threading.Event()
     self._thread = None
 
   def beat(self, step: int, phase: str = "train") -> None:
     self.step, self.phase, self.last = step, phase, time.monotonic()
+
+  @contextlib.contextmanager
+  def in_phase(self, phase: str, step: int):
+    """Work of another kind than steps (a save): a beat when it starts and when it ends."""
+    before = self.phase
+    self.beat(step, phase)
+    try:
+      yield
+    finally:
+      self.beat(step, before)
+
+  @contextlib.contextmanager
+  def held(self, phase: str, step: int):
+    """Work that is not counted as a stall however long it takes (a compile)."""
+    before = self.phase
+    self._held += 1
+    self.step, self.phase = step, phase
+    try:
+      yield
+    finally:
+      self._held -= 1
+      self.phase = before
+      if self.last is not None:  # the clock starts again where the held work ended
+        self.last = time.monotonic()
 
   def __enter__(self):
     if self.timeout > 0:
@@ -199,20 +234,55 @@ class Watchdog:
     return self
 
   def _watch(self) -> None:
-    while not self._stop.wait(min(self.timeout / 4, 10.0)):
-      if self.last is not None and time.monotonic() - self.last > self.timeout:
-        msg = (f"watchdog: process {jax.process_index()} on {socket.gethostname()} made no progress for "
-               f"{self.timeout:g} s after {self.phase} step {self.step} (a stuck collective or a dead host); "
-               f"exiting with status {EXIT_STALLED} so the job restarts from its last checkpoint.")
-        logging.error(msg)
-        print(msg, file=sys.stderr, flush=True)
-        self._exit(EXIT_STALLED)
+    # Sleeps until the exact deadline, so that a stall is reported at `timeout` after the last
+    # completed work, not up to a polling interval later.
+    while True:
+      last = self.last
+      wait = self.timeout if last is None or self._held else last + self.timeout - time.monotonic()
+      if self._stop.wait(max(wait, 0.0) + 0.01):
         return
+      if self.last is None or self._held or time.monotonic() - self.last <= self.timeout:
+        continue
+      msg = (f"watchdog: process {jax.process_index()} on {socket.gethostname()} made no progress for "
+             f"{self.timeout:g} s after {self.phase} step {self.step} (a stuck collective or a dead host); "
+             f"exiting with status {EXIT_STALLED} so the job restarts from its last checkpoint.")
+      logging.error(msg)
+      print(msg, file=sys.stderr, flush=True)
+      self._exit(EXIT_STALLED)
+      return
 
   def __exit__(self, *exc):
     self._stop.set()
     if self._thread is not None:
       self._thread.join()
+
+
+class InFlight:
+  """The train steps dispatched but not yet known to be complete, at most `depth` of them.
+
+  A step's call returns before the step has run; holding the host to `depth` steps ahead keeps
+  the device fed while bounding what a later host sync (metrics, a save) waits for, and lets the
+  watchdog beat for each step when its outputs are ready.
+  """
+
+  def __init__(self, watchdog: Watchdog, depth: int = 2):
+    self.watchdog, self.depth = watchdog, depth
+    self._steps = collections.deque()
+
+  def push(self, step: int, outputs) -> None:
+    self._steps.append((step, outputs))
+    while len(self._steps) > self.depth:
+      self._complete()
+
+  def drain(self) -> None:
+    """Waits for every dispatched step (before a host sync, so that its wait is beaten for)."""
+    while self._steps:
+      self._complete()
+
+  def _complete(self) -> None:
+    step, outputs = self._steps.popleft()
+    jax.block_until_ready(outputs)
+    self.watchdog.beat(step)
 
 
 def check_workdir(workdir):
